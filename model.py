@@ -1,0 +1,339 @@
+"""
+Full definition of a GPT-2 language model, all of it in this single file.
+References:
+1) the official GPT-2 TensorFlow implementation released by OpenAI:
+https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Hugging Face transformers' PyTorch implementation, whose checkpoints from_pretrained() loads:
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        # key, query, value projections for all heads, but in a batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # output projection
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # the usual 1/sqrt(head size); the medium and large Sophia runs also divide layer i's
+        # attention logits by i+1 (0-based), which keeps deep layers' logits small, for stable
+        # mixed-precision training
+        self.scale = (config.n_embd // config.n_head) ** -0.5
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+
+    def forward(self, x):
+        B, T, C = x.size() # batch size, sequence length, embedding dimensionality (n_embd)
+
+        # calculate query, key, values for all heads in batch and move head forward to be the batch dim
+        q, k, v  = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
+
+        # causal self-attention; on GPU this dispatches to the flash or memory-efficient kernels,
+        # which never materialise the (T, T) attention matrix
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=True, scale=self.scale) # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C) # re-assemble all head outputs side by side
+
+        # output projection
+        y = self.resid_dropout(self.c_proj(y))
+        return y
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc    = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 was trained with the tanh approximation of GELU ("gelu_new" in transformers): the
+        # exact erf form would not reproduce the released checkpoints' logits
+        self.gelu    = nn.GELU(approximate='tanh')
+        self.c_proj  = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.c_fc(x)    # (B, T, 4 * n_embd)
+        x = self.gelu(x)
+        x = self.c_proj(x)  # (B, T, n_embd)
+        x = self.dropout(x)
+        return x
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304 # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    scale_attn_by_inverse_layer_idx: bool = False # True: layer i's attention logits also scaled by 1/(i+1)
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None
+        assert config.block_size is not None
+        self.config = config
+
+        self.transformer = nn.ModuleDict(dict(
+            wte = nn.Embedding(config.vocab_size, config.n_embd),
+            wpe = nn.Embedding(config.block_size, config.n_embd),
+            drop = nn.Dropout(config.dropout),
+            h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f = nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the input embedding and the output projection are one tensor (as in GPT-2),
+        # which saves vocab_size * n_embd parameters and trains as well or better (Press & Wolf, 2017)
+        self.transformer.wte.weight = self.lm_head.weight
+
+        # init all weights
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections into the residual stream: each block adds two of
+        # them (attention and MLP), so the stream's variance would otherwise grow with 2 * n_layer
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02/math.sqrt(2 * config.n_layer))
+
+    def get_num_params(self, non_embedding=True):
+        """
+        Return the number of parameters in the model.
+        For non-embedding count (default), the position embeddings get subtracted.
+        The token embeddings would too, except due to the parameter sharing these
+        params are actually used as weights in the final layer, so we include them.
+        """
+        n_params = sum(p.numel() for p in self.parameters()) # parameters() yields tied tensors once
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, *, all_logits=False):
+        b, t = idx.size()
+        assert t <= self.config.block_size, \
+            f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device) # shape (t)
+
+        # forward the GPT model itself
+        tok_emb = self.transformer.wte(idx) # token embeddings of shape (b, t, n_embd)
+        pos_emb = self.transformer.wpe(pos) # position embeddings of shape (t, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+
+        if targets is not None or all_logits:
+            # training, and the Hessian pass, which samples labels at every position
+            logits = self.lm_head(x) # (b, t, vocab_size)
+        else:
+            # inference-time mini-optimization: only forward the lm_head on the very last position
+            logits = self.lm_head(x[:, [-1], :]) # (b, 1, vocab_size): the list [-1] keeps the time dim
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        # model surgery to decrease the block size if necessary, e.g. to load the GPT-2 checkpoint
+        # (block size 1024) and train at a smaller block size. Call it before configure_optimizers:
+        # it replaces the wpe parameter, which an existing optimizer would not see.
+        if block_size > self.config.block_size:
+            raise ValueError(f"crop_block_size: {block_size} is larger than the model's block_size "
+                             f"{self.config.block_size}; the block size can only shrink")
+        self.config.block_size = block_size
+        self.transformer.wpe.num_embeddings = block_size
+        # clone so that the dropped rows' memory is freed
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight.detach()[:block_size].clone())
+
+    @classmethod
+    def from_pretrained(cls, model_type, override_args=None):
+        """A GPT-2 checkpoint from Hugging Face: a hub name or a local save_pretrained directory."""
+        override_args = override_args or {} # default to empty dict
+        # only dropout can be overridden; everything else must match the checkpoint
+        if set(override_args) - {'dropout'}:
+            raise ValueError(f"from_pretrained: only 'dropout' can be overridden, got {sorted(override_args)}")
+        if model_type not in {'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'} and not os.path.isdir(model_type):
+            raise ValueError(f"unknown model {model_type!r}: use gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                             f"or the path of a local Hugging Face GPT-2 directory")
+        from transformers import GPT2LMHeadModel # here, so that training from scratch does not need it
+        print(f"loading weights from pretrained gpt: {model_type}")
+        model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        hf = model_hf.config
+        # refuse the GPT-2 variants this module does not implement rather than load them silently wrong
+        if (hf.activation_function not in ('gelu_new', 'gelu_pytorch_tanh') or not hf.scale_attn_weights
+                or hf.n_inner not in (None, 4 * hf.n_embd) or hf.layer_norm_epsilon != 1e-5):
+            raise ValueError(f"{model_type}: unsupported GPT-2 variant (needs tanh GELU, n_inner 4*n_embd, "
+                             f"scaled attention and layer_norm_epsilon 1e-5)")
+        # the architecture comes from the checkpoint's own config; GPT-2 has biases everywhere
+        config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
+                           n_head=hf.n_head, n_embd=hf.n_embd, bias=True,
+                           dropout=override_args.get('dropout', 0.0),
+                           scale_attn_by_inverse_layer_idx=hf.scale_attn_by_inverse_layer_idx)
+        model = cls(config)
+        sd = model.state_dict()
+
+        # copy while ensuring all of the parameters are aligned and match in names and shapes;
+        # older transformers also store the causal mask as attn.bias / attn.masked_bias buffers
+        sd_hf = {k: v for k, v in model_hf.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+        sd_hf.setdefault('lm_head.weight', sd_hf['transformer.wte.weight']) # tied, saved once
+        assert sd_hf.keys() == sd.keys(), f"mismatched keys: {sorted(sd_hf.keys() ^ sd.keys())}"
+        # the openai checkpoints use a "Conv1D" module, which stores these weights as (in, out);
+        # nn.Linear stores (out, in), so they are transposed
+        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        with torch.no_grad():
+            for k, w in sd_hf.items():
+                w = w.t() if k.endswith(transposed) else w
+                assert w.shape == sd[k].shape, f"{k}: checkpoint {tuple(w.shape)} vs model {tuple(sd[k].shape)}"
+                sd[k].copy_(w)
+        return model
+
+    def configure_optimizers(self, optimizer_name, learning_rate, weight_decay, betas, device_type, rho=None):
+        if optimizer_name not in ('adamw', 'sophiag'):
+            raise ValueError(f"unknown optimizer_name {optimizer_name!r}: use 'adamw' or 'sophiag'")
+        if optimizer_name == 'sophiag' and rho is None:
+            raise ValueError("optimizer 'sophiag' needs rho (the official GPT-2 runs use 0.05 to 0.08)")
+        # parameters() yields the tied wte / lm_head tensor once; frozen tensors are left out
+        params = [p for p in self.parameters() if p.requires_grad]
+        # weight decay on every tensor that is 2D or more (matmul weights, embeddings), none on
+        # biases and LayerNorm gains, which only shift and scale activations (GPT-2 practice)
+        decay_params = [p for p in params if p.dim() >= 2]
+        nodecay_params = [p for p in params if p.dim() < 2]
+        optim_groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0}
+        ]
+        grouped = [id(p) for group in optim_groups for p in group['params']]
+        assert len(grouped) == len(set(grouped)) and set(grouped) == {id(p) for p in params}, \
+            "configure_optimizers: every trainable parameter must be in exactly one group"
+        num_decay_params = sum(p.numel() for p in decay_params)
+        num_nodecay_params = sum(p.numel() for p in nodecay_params)
+        print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
+        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
+        if optimizer_name == 'sophiag':
+            from sophia import SophiaG # here, so that the model has no import-time dependency on it
+            return SophiaG(optim_groups, lr=learning_rate, betas=betas, rho=rho, weight_decay=weight_decay)
+        # the fused kernel updates each tensor in one pass: on GPT-2 124M shapes, 2-core CPU, 84 ms
+        # a step against 340 ms for foreach. torch 2.13 has it on cuda and cpu; elsewhere foreach.
+        use_fused = device_type in ('cuda', 'cpu')
+        extra_args = dict(fused=True) if use_fused else dict(foreach=True)
+        print(f"using fused AdamW: {use_fused}")
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+
+    def flops_per_token(self):
+        """ FLOPs of one forward + backward pass per token, at sequence length block_size """
+        # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
+        # 6N for the matmuls with the weights (2 forward, 4 backward), 12*L*H*Q*T for attention
+        N = self.get_num_params()
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd//cfg.n_head, cfg.block_size
+        return 6*N + 12*L*H*Q*T
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """ model flops utilization (MFU): achieved FLOP/s as a fraction of peak_flops (FLOP/s).
+        fwdbwd_per_iter is the number of block_size sequences forwarded and backwarded in dt
+        seconds. None where peak_flops is None (see device_peak_flops). """
+        if peak_flops is None:
+            return None
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """
+        Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
+        the sequence max_new_tokens times, feeding the predictions back into the model each time.
+        Most likely you'll want to make sure to be in model.eval() mode of operation for this.
+        Pass a torch.Generator to make the sampling reproducible.
+        """
+        if temperature <= 0:
+            raise ValueError(f"generate: temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
+        for _ in range(max_new_tokens):
+            # if the sequence context is growing too long we must crop it at block_size
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            # forward the model to get the logits for the index in the sequence
+            logits, _ = self(idx_cond)
+            # pluck the logits at the final step and scale by desired temperature
+            logits = logits[:, -1, :] / temperature # (b, vocab_size)
+            # optionally crop the logits to only the top k options
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            # apply softmax to convert logits to (normalized) probabilities
+            probs = F.softmax(logits, dim=-1)
+            # sample from the distribution
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator) # (b, 1)
+            # append sampled index to the running sequence and continue
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+# Dense peak throughput per GPU in FLOP/s (NVIDIA datasheets, without 2:4 sparsity), by a fragment
+# of torch.cuda.get_device_name(), checked in order: (bf16/fp16, tf32, fp32 without tensor cores).
+# fp32 training runs its matmuls on the tensor cores in TF32 only when TF32 is enabled
+# (torch.backends.cuda.matmul.fp32_precision == 'tf32'), and at the much lower fp32 rate otherwise:
+# dividing by the wrong one of the two would misstate MFU by a factor of 8 to 15.
+# The H100 NVL and H200 NVL are listed with no figure: NVIDIA's datasheet revisions disagree on
+# them (835 vs 989 bf16 TFLOP/s), and no MFU is better than a wrong one.
+PEAK_FLOPS = [
+    ('a100',          (312e12, 156e12, 19.5e12)),
+    ('h100 pcie',     (756e12, 378e12, 51e12)),
+    ('h100 nvl',      None),
+    ('h100 80gb hbm3', (989e12, 494.5e12, 67e12)), # the SXM module's name
+    ('h100 sxm',      (989e12, 494.5e12, 67e12)),
+    ('h200 nvl',      None),
+    ('h200',          (989e12, 494.5e12, 67e12)), # same compute as the H100 SXM, more memory
+]
+
+def peak_flops_for_name(device_name, dtype, tf32):
+    """ peak FLOP/s of the CUDA device called device_name computing in dtype, or None if unknown """
+    if isinstance(dtype, str): # the training configs name dtypes as strings
+        dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+    column = {torch.bfloat16: 0, torch.float16: 0, torch.float32: 1 if tf32 else 2}.get(dtype)
+    for fragment, peaks in PEAK_FLOPS:
+        if fragment in device_name.lower():
+            return None if peaks is None or column is None else peaks[column]
+    return None # unknown devices get no MFU rather than a guessed (e.g. A100) peak
+
+def device_peak_flops(device, dtype):
+    """ peak FLOP/s for MFU on this device and training dtype; None on CPU or unknown devices """
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return None
+    tf32 = torch.backends.cuda.matmul.fp32_precision == 'tf32'
+    return peak_flops_for_name(torch.cuda.get_device_name(device), dtype, tf32)
