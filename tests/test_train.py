@@ -1,0 +1,137 @@
+"""End to end: the real training scripts through the real configurator on a tiny dataset."""
+
+import glob
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT, check_ok, make_char_dataset, read_metrics, run_script, tiny_args, train_losses
+
+sys.path.insert(0, ROOT)
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    return make_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny_char'))
+
+def final_model(out_dir):
+    state = torch.load(sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))[-1], weights_only=True)
+    return state
+
+@pytest.mark.parametrize('script, sophia', [('train_sophiag.py', True), ('train_adam.py', False)])
+def test_training_lowers_the_loss_and_logs_everything(tmp_path, dataset, script, sophia):
+    out = str(tmp_path / 'out')
+    result = check_ok(run_script(script, tiny_args(dataset, out, sophia, max_iters=30, eval_interval=15,
+                                                   lr_decay_iters=30, log_interval=5)))
+    assert 'tokens per iteration: 2 accumulation x 4 batch x 32 block = 256' in result.stdout
+    config_row = read_metrics(out, 'config')[0]
+    assert config_row['optimizer'] == ('sophiag' if sophia else 'adamw')
+    assert config_row['config']['n_layer'] == 2 and config_row['run_name'] == 'tiny'
+    evals = read_metrics(out, 'eval')
+    assert [row['iter'] for row in evals] == [0, 15, 30]
+    assert evals[-1]['val/loss'] < evals[0]['val/loss'] - 0.5  # ln(vocab) ~ 4.4 at the start
+    train = read_metrics(out, 'train')
+    assert [row['iter'] for row in train] == [5, 10, 15, 20, 25, 30]
+    assert train[-1]['tokens'] == 30 * 256 and train[-1]['time'] > 0
+    for key in ('loss', 'lr', 'ms_per_iter', 'tokens_per_s', 'param_norm', 'train/clip_rate'):
+        assert train[-1][key] is not None, key
+    assert train[-1]['mfu'] is None  # no peak FLOP/s known for a CPU: MFU omitted, not invented
+    if sophia:
+        for key in ('train/win_rate', 'hessian_norm', 'hessian_norm2', 'momentum_norm'):
+            assert train[-1][key] is not None and train[-1][key] >= 0, key
+        assert 0 < train[-1]['train/win_rate'] <= 1
+        assert train[-1]['hessian_norm'] > 0  # the Hessian passes ran (at iterations 2, 5, 8, ...)
+    else:
+        assert 'train/win_rate' not in train[-1]
+    # checkpoints: the last keep_last=3 plus best, each with its manifest
+    names = sorted(os.listdir(out))
+    assert [n for n in names if n.startswith('ckpt-') and n.endswith('.pt')] == \
+        ['ckpt-00000012.pt', 'ckpt-00000018.pt', 'ckpt-00000030.pt'] or \
+        len([n for n in names if n.startswith('ckpt-') and n.endswith('.pt')]) == 3
+    assert 'best.pt' in names and 'best.json' in names
+    state = final_model(out)  # loads with weights_only=True
+    assert state['iter_num'] == 30 and state['optimizer_name'] == config_row['optimizer']
+    assert state['config']['max_iters'] == 30
+    if sophia:
+        hessians = [s['hessian'] for s in state['optimizer']['state'].values()]
+        assert all(h.min() >= 0 for h in hessians) and any(h.sum() > 0 for h in hessians)
+
+def test_resume_continues_exactly(tmp_path, dataset):
+    """2N iterations in one run, and N iterations then N more after a resume, give identical losses
+    and identical parameters."""
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    check_ok(run_script('train_sophiag.py', tiny_args(dataset, straight, max_iters=12, checkpoint_interval=100)))
+    check_ok(run_script('train_sophiag.py', tiny_args(dataset, split, max_iters=6, checkpoint_interval=100)))
+    result = check_ok(run_script('train_sophiag.py', tiny_args(dataset, split, max_iters=12, checkpoint_interval=100,
+                                                               init_from='resume')))
+    assert 'resuming from' in result.stdout and 'ckpt-00000006.pt' in result.stdout
+    assert train_losses(straight) == train_losses(split)
+    assert len(train_losses(split)) == 12
+    a, b = final_model(straight), final_model(split)
+    assert a['iter_num'] == b['iter_num'] == 12
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+    for index, state in a['optimizer']['state'].items():
+        for name in ('exp_avg', 'hessian'):
+            assert torch.equal(state[name], b['optimizer']['state'][index][name]), (index, name)
+    assert [r['val/loss'] for r in read_metrics(straight, 'eval')] == \
+        [r['val/loss'] for r in read_metrics(split, 'eval')]
+
+def test_resume_with_dropout_is_exact_for_adam(tmp_path, dataset):
+    """Dropout draws from the torch RNG, whose state the checkpoint carries."""
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    common = dict(dropout=0.1, checkpoint_interval=100)
+    check_ok(run_script('train_adam.py', tiny_args(dataset, straight, False, max_iters=8, **common)))
+    check_ok(run_script('train_adam.py', tiny_args(dataset, split, False, max_iters=4, **common)))
+    check_ok(run_script('train_adam.py', tiny_args(dataset, split, False, max_iters=8, init_from='resume', **common)))
+    assert train_losses(straight) == train_losses(split)
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, dataset):
+    """torchrun with 2 processes (gloo) sees the same global batches as a single process: each
+    process takes its half of the micro-batches, gradients are averaged, so the losses agree up
+    to float summation order."""
+    single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
+    args = dict(max_iters=8, gradient_accumulation_steps=4, hess_micro_steps=2)
+    check_ok(run_script('train_sophiag.py', tiny_args(dataset, single, **args)))
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    result = check_ok(run_script('train_sophiag.py', tiny_args(dataset, double, **args), launcher=launcher,
+                                 env={'OMP_NUM_THREADS': '1'}))
+    assert 'over 2 processes' in result.stdout
+    one, two = train_losses(single), train_losses(double)
+    assert sorted(one) == sorted(two) == list(range(1, 9))
+    for it in one:
+        assert two[it] == pytest.approx(one[it], rel=1e-4), it
+    evals_one = [r['val/loss'] for r in read_metrics(single, 'eval')]
+    evals_two = [r['val/loss'] for r in read_metrics(double, 'eval')]
+    assert evals_two == pytest.approx(evals_one, rel=1e-4)
+
+def test_float16_with_grad_scaler_on_cpu(tmp_path, dataset):
+    out = str(tmp_path / 'out')
+    check_ok(run_script('train_sophiag.py', tiny_args(dataset, out, dtype='float16', max_iters=6)))
+    losses = train_losses(out)
+    assert len(losses) == 6 and all(loss is not None for loss in losses.values())
+    state = final_model(out)
+    assert state['scaler']['scale'] > 0  # the GradScaler's state travels with the checkpoint
+    hessians = [s['hessian'] for s in state['optimizer']['state'].values()]
+    assert all(torch.isfinite(h).all() for h in hessians) and any(h.sum() > 0 for h in hessians)
+
+def test_hutchinson_estimator_trains(tmp_path, dataset):
+    out = str(tmp_path / 'out')
+    check_ok(run_script('train_sophiag.py', tiny_args(dataset, out, hessian_estimator='hutchinson', rho=0.01,
+                                                      max_iters=12)))
+    evals = read_metrics(out, 'eval')
+    assert evals[-1]['val/loss'] < evals[0]['val/loss']
+    assert read_metrics(out, 'train')[-1]['hessian_norm'] > 0
+
+def test_wandb_offline_writes_a_run_that_compare_reads(tmp_path, dataset):
+    out = str(tmp_path / 'out')
+    check_ok(run_script('train_adam.py', tiny_args(dataset, out, False, wandb_log=True, wandb_mode='offline', max_iters=6),
+                        env={'WANDB_MODE': 'offline', 'WANDB_API_KEY': ''}))
+    runs = glob.glob(os.path.join(out, 'wandb', 'offline-run-*'))
+    assert len(runs) == 1 and glob.glob(os.path.join(runs[0], 'run-*.wandb'))
+    import compare
+    from_wandb, from_log = compare.load_run(runs[0]), compare.load_run(out)
+    assert [r['val/loss'] for r in from_wandb.eval] == pytest.approx([r['val/loss'] for r in from_log.eval])
+    shutil.rmtree(out)
