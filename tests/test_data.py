@@ -1,0 +1,389 @@
+"""
+Tests for the data pipeline: tokenizer.py and the data/*/prepare.py scripts, all offline.
+
+GPT-2 BPE needs the GPT-2 ranks; tiktoken would download them from a blob store, so the tests take
+them from the openai-whisper sdist on PyPI instead (whisper/assets/gpt2.tiktoken), cached in
+~/.cache/sophia-gpt2-test, or from $GPT2_RANKS_FILE when that is set.
+"""
+
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import tokenizer  # noqa: E402
+
+WHISPER_SDIST = "openai-whisper==20250625"
+EOT = 50256
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks_file():
+    """Path of a GPT-2 ranks file in tiktoken format, downloaded with pip once and cached."""
+    if os.environ.get("GPT2_RANKS_FILE"):
+        path = os.environ["GPT2_RANKS_FILE"]
+        if not os.path.isfile(path):
+            pytest.fail(f"GPT2_RANKS_FILE={path} does not exist; unset it to let the tests download it")
+        return path
+    cache = Path.home() / ".cache" / "sophia-gpt2-test"
+    ranks = cache / "gpt2.tiktoken"
+    if not ranks.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", WHISPER_SDIST,
+               "-d", str(cache)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.fail(f"`{' '.join(cmd)}` failed (the GPT-2 tests need PyPI, or GPT2_RANKS_FILE set "
+                        f"to a local gpt2.tiktoken):\n{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
+        sdist = next(cache.glob("openai*whisper-20250625.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
+            contents = tar.extractfile(member).read()
+        # write, then rename: a parallel test session never reads half a file
+        tmp = ranks.with_name(f"gpt2.tiktoken.{os.getpid()}.tmp")
+        tmp.write_bytes(contents)
+        os.replace(tmp, ranks)
+    return str(ranks)
+
+
+def run_script(name, *args, env=None):
+    """Run data/<name>/prepare.py as a subprocess; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / "data" / name / "prepare.py"), *map(str, args)],
+                          capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def check_ok(result):
+    assert result.returncode == 0, f"prepare.py failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def load_script(name):
+    """Import data/<name>/prepare.py as a module (its work happens only in main())."""
+    spec = importlib.util.spec_from_file_location(f"prepare_{name}", REPO / "data" / name / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_bin(path):
+    return np.fromfile(path, dtype=np.uint16)
+
+
+def offline_env(ranks_file, tmp_path):
+    """Environment for a BPE prepare run: local ranks, a private HF cache, hub access off."""
+    return {"GPT2_RANKS_FILE": ranks_file, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1"}
+
+
+# ----------------------------------------------------------------------------- tokenizer.py
+
+def test_gpt2_encoding_from_ranks_file(gpt2_ranks_file, monkeypatch):
+    monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
+    enc = tokenizer.gpt2_encoding()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.eot_token == EOT and enc.n_vocab == 50257
+    # special tokens: literal text under encode_ordinary, one token only when allowed
+    assert EOT not in enc.encode_ordinary("a<|endoftext|>b")
+    encode, decode = tokenizer.encoder_decoder({"vocab_size": 50257, "tokenizer": "gpt2"})
+    assert encode("<|endoftext|>") == [EOT]
+    text = "Sophia's step:  θ ← θ − lr·clip(m / (ρ·h), 1)\n\n\tdone  "
+    assert decode(encode(text)) == text
+
+
+@pytest.mark.parametrize("contents, complaint", [
+    ("IQ== 0\nnot-base64!! x\n", "malformed"),  # a line that does not parse
+    ("IQ== 0\nIg== 1\nIw== 2\n", "50,256"),  # parses, but is not GPT-2's vocabulary
+])
+def test_malformed_ranks_file_is_one_clear_line(tmp_path, monkeypatch, contents, complaint):
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text(contents)
+    monkeypatch.setenv("GPT2_RANKS_FILE", str(bad))
+    with pytest.raises(ValueError) as info:
+        tokenizer.gpt2_encoding()
+    message = str(info.value)
+    assert complaint in message and str(bad) in message and "\n" not in message
+    # a prepare script turns it into a single "error:" line and a non-zero exit
+    text = tmp_path / "input.txt"
+    text.write_text("some text\n" * 10)
+    result = run_script("shakespeare", "--input", text, "--out_dir", tmp_path / "out",
+                        env={"GPT2_RANKS_FILE": str(bad)})
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "out" / "train.bin").exists()
+
+
+def test_char_encoder_decoder_and_meta(tmp_path):
+    meta = {"vocab_size": 4, "stoi": {"\n": 0, "a": 1, "b": 2, "\ufffd": 3},
+            "itos": {0: "\n", 1: "a", 2: "b", 3: "\ufffd"}}
+    encode, decode = tokenizer.encoder_decoder(meta)
+    assert encode("ab\nba") == [1, 2, 0, 2, 1] and decode([1, 2, 0, 2, 1]) == "ab\nba"
+    with pytest.raises(ValueError, match="'cz'"):  # names the unknown characters
+        encode("abcz")
+    encode, decode = tokenizer.encoder_decoder({**meta, "placeholder": "\ufffd"})
+    assert encode("abcz") == [1, 2, 3, 3]
+    with pytest.raises(FileNotFoundError, match="run the prepare.py"):
+        tokenizer.load_meta(tmp_path)
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    assert tokenizer.load_meta(tmp_path) == meta
+    with pytest.raises(ValueError, match="neither"):
+        tokenizer.encoder_decoder({"vocab_size": 10})
+
+
+# ----------------------------------------------------------------------------- stdlib_char
+
+EXCLUDED = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
+
+
+@pytest.fixture(scope="module")
+def stdlib_run(tmp_path_factory):
+    """One full run of data/stdlib_char/prepare.py on this interpreter's standard library."""
+    out_dir = tmp_path_factory.mktemp("stdlib_char")
+    result = check_ok(run_script("stdlib_char", "--out_dir", out_dir))
+    with open(out_dir / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    return out_dir, meta, result.stdout
+
+
+def test_stdlib_char_outputs(stdlib_run):
+    out_dir, meta, stdout = stdlib_run
+    train, val = read_bin(out_dir / "train.bin"), read_bin(out_dir / "val.bin")
+    assert len(train) > 10 * len(val) > 0
+    assert meta["vocab_size"] == len(meta["stoi"]) == len(meta["itos"]) <= 256
+    assert max(train.max(), val.max()) < meta["vocab_size"]
+    assert f"train has {len(train):,} tokens" in stdout and f"vocab size: {meta['vocab_size']}" in stdout
+    # no file from a test folder or site-packages, and no file on both sides of the split
+    files = meta["train_files"] + meta["val_files"]
+    assert not any(EXCLUDED & set(name.split("/")[:-1]) for name in files)
+    assert not set(meta["train_files"]) & set(meta["val_files"])
+    assert meta["val_files"] == [f for f in files if zlib.crc32(f.encode()) % 20 == 0]
+    # decode(encode) is the identity on the prepared text, and the text is the files themselves
+    encode, decode = tokenizer.encoder_decoder(meta)
+    val_text = decode(val.tolist())
+    assert encode(val_text) == val.tolist()
+    first = meta["val_files"][0]
+    source = (Path(sysconfig.get_paths()["stdlib"]) / first).read_text(encoding="utf-8", errors="replace")
+    expected = "".join(c if c in meta["stoi"] else meta["placeholder"] for c in source)
+    assert val_text.startswith(f"# file: {first}\n{expected}")
+    for name in meta["val_files"]:
+        assert f"# file: {name}\n" in val_text
+
+
+def test_stdlib_char_is_deterministic(stdlib_run, tmp_path):
+    out_dir, _, _ = stdlib_run
+    check_ok(run_script("stdlib_char", "--out_dir", tmp_path))
+    for name in ("train.bin", "val.bin", "meta.pkl"):
+        assert (tmp_path / name).read_bytes() == (out_dir / name).read_bytes(), name
+    assert sorted(os.listdir(tmp_path)) == ["meta.pkl", "train.bin", "val.bin"]  # no temporary left
+
+
+def test_stdlib_char_selection_rules(tmp_path, capsys):
+    # a fake stdlib: which files count, which split each lands in, what happens to rare characters
+    root = tmp_path / "lib"
+    included = [f"mod{i}.py" for i in range(60)] + ["pkg/core.py", "pkg/testing.py", "tests.py", "idlelib/run.py"]
+    excluded = ["test/test_x.py", "pkg/tests/t.py", "idlelib/idle_test/t.py", "unittest/test/t.py",
+                "site-packages/thirdparty.py", "lib2to3/tests/data.py"]
+    for name in included + excluded:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"x = {name!r}  # line\n" * 20)
+    (root / "pkg" / "notes.txt").write_text("not python")
+    (root / "mod0.py").write_text("x = 'é'\n" * 3)  # 'é' three times: rarer than --min_count 5
+    prepare = load_script("stdlib_char")
+    prepare.main(["--stdlib", str(root), "--out_dir", str(tmp_path / "out"), "--min_count", "5"])
+    with open(tmp_path / "out" / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    assert sorted(meta["train_files"] + meta["val_files"]) == sorted(included)
+    assert meta["val_files"] == sorted(f for f in included if zlib.crc32(f.encode()) % 20 == 0)
+    assert meta["train_files"] == sorted(f for f in included if zlib.crc32(f.encode()) % 20 != 0)
+    assert "é" not in meta["stoi"] and "\ufffd" in meta["stoi"]
+    text = "".join(meta["itos"][i] for i in read_bin(tmp_path / "out" / "train.bin").tolist() +
+                   read_bin(tmp_path / "out" / "val.bin").tolist())
+    assert "x = '\ufffd'\n" in text and "rare" in capsys.readouterr().out
+    # with --min_count 1 every character present is kept
+    prepare.main(["--stdlib", str(root), "--out_dir", str(tmp_path / "out1"), "--min_count", "1"])
+    with open(tmp_path / "out1" / "meta.pkl", "rb") as f:
+        assert "é" in pickle.load(f)["stoi"]
+
+
+# ----------------------------------------------------------------------------- openwebtext
+
+def make_documents(count=300):
+    rng = np.random.default_rng(0)
+    words = "the of and to a in is that it was for on are with as his they be at one have this".split()
+    docs = [" ".join(rng.choice(words, size=rng.integers(1, 80))) for _ in range(count)]
+    # the cases a real web corpus has: the literal EOT string, non-ASCII, whitespace runs, empty text
+    docs[:5] = ["Hello world", "text with <|endoftext|> inside", "naïve café — “quoted” 😀", "  \n\n\t ", ""]
+    return docs
+
+
+def expected_split_tokens(docs, test_size, enc):
+    """What train.bin/val.bin must hold: the nanoGPT split of the documents, each encoded + EOT."""
+    import datasets
+    dataset = datasets.Dataset.from_dict({"text": docs})
+    split = dataset.train_test_split(test_size=test_size, seed=2357, shuffle=True)
+    return {name: [t for doc in split[key]["text"] for t in enc.encode_ordinary(doc) + [EOT]]
+            for name, key in (("train", "train"), ("val", "test"))}
+
+
+def test_openwebtext_prepare_on_local_jsonl(gpt2_ranks_file, tmp_path, monkeypatch):
+    docs = make_documents()
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d, "url": "x"}) + "\n" for d in docs))
+    out_dir = tmp_path / "out"
+    result = check_ok(run_script("openwebtext", "--files", data, "--out_dir", out_dir, "--num_proc", 2,
+                                 "--test_size", 0.1, env=offline_env(gpt2_ranks_file, tmp_path)))
+    monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
+    enc = tokenizer.gpt2_encoding()
+    expected = expected_split_tokens(docs, 0.1, enc)
+    train, val = read_bin(out_dir / "train.bin"), read_bin(out_dir / "val.bin")
+    # exact contents: the seeded split, document order kept, one EOT after every document
+    assert val.tolist() == expected["val"] and train.tolist() == expected["train"]
+    assert len(train) + len(val) == sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
+    assert (train == EOT).sum() + (val == EOT).sum() == len(docs)
+    assert (val == EOT).sum() == 30  # train_test_split rounds test_size * 300 documents up
+    assert f"val has {len(val):,} tokens" in result.stdout
+    with open(out_dir / "meta.pkl", "rb") as f:
+        assert pickle.load(f) == {"vocab_size": 50257, "tokenizer": "gpt2"}
+    assert sorted(os.listdir(out_dir)) == ["meta.pkl", "train.bin", "val.bin"]
+
+
+def test_openwebtext_interrupted_write_leaves_no_train_bin(gpt2_ranks_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
+    prepare = load_script("openwebtext")
+    real_tqdm = prepare.tqdm
+    out_dir = tmp_path / "out"
+    files_mid_write = []
+
+    def interrupted_tqdm(iterable, desc="", **kwargs):
+        # Ctrl-C after the second shard of train.bin has been copied into the memmap
+        for i, item in enumerate(real_tqdm(iterable, desc=desc, **kwargs)):
+            if "train" in desc and i == 2:
+                files_mid_write.extend(os.listdir(out_dir))
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(prepare, "tqdm", interrupted_tqdm)
+    # .txt input: one document per file
+    for i, doc in enumerate(make_documents(40)):
+        (tmp_path / f"doc{i:02d}.txt").write_text(doc)
+    files = sorted(str(p) for p in tmp_path.glob("doc*.txt"))
+    args = ["--files", *files, "--out_dir", str(out_dir), "--num_proc", "1",
+            "--cache_dir", str(tmp_path / "hf"), "--test_size", "0.1"]
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(args)
+    # even a kill -9 at that moment would have left no train.bin: the tokens went to a temporary
+    assert "train.bin" not in files_mid_write and "train.bin.tmp" in files_mid_write
+    # and the interrupted run cleaned up after itself
+    assert not [p for p in os.listdir(out_dir) if p.startswith("train.bin")]
+    # the same run uninterrupted writes everything, one document per file
+    monkeypatch.setattr(prepare, "tqdm", real_tqdm)
+    prepare.main(args)
+    train, val = read_bin(out_dir / "train.bin"), read_bin(out_dir / "val.bin")
+    assert (train == EOT).sum() == 36 and (val == EOT).sum() == 4
+
+
+def test_openwebtext_hub_fallbacks(gpt2_ranks_file, tmp_path, monkeypatch, capsys):
+    # the hub is out of reach here: stand in for datasets.load_dataset and check what the script
+    # asks of it when the hub copy is script-based (datasets >= 4 refuses it) or unreachable
+    import datasets
+    monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
+    prepare = load_script("openwebtext")
+    calls = []
+
+    def script_based_hub(path, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("revision") != "refs/convert/parquet":
+            raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": make_documents(20)})})
+
+    monkeypatch.setattr(datasets, "load_dataset", script_based_hub)
+    prepare.main(["--out_dir", str(tmp_path / "out"), "--num_proc", "1"])
+    assert [c.get("revision") for c in calls] == [None, "refs/convert/parquet"]
+    assert all(c["cache_dir"] is None for c in calls)  # the Hugging Face default cache, not ours
+    out = capsys.readouterr().out
+    assert "Parquet export" in out and "warning: OpenWebText has 8,013,769 documents" in out
+    # the default test_size 0.0005 still holds out one whole document
+    assert (read_bin(tmp_path / "out" / "val.bin") == EOT).sum() == 1
+    assert (read_bin(tmp_path / "out" / "train.bin") == EOT).sum() == 19
+
+    def unreachable_hub(path, **kwargs):
+        raise ConnectionError("Couldn't reach 'openwebtext' on the Hub (ConnectError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable_hub)
+    with pytest.raises(SystemExit) as info:
+        prepare.main(["--out_dir", str(tmp_path / "out2"), "--num_proc", "1"])
+    assert str(info.value).startswith("error: could not load openwebtext") and "--files" in str(info.value)
+
+
+def test_openwebtext_bad_arguments_are_one_line(tmp_path):
+    prepare = load_script("openwebtext")
+    (tmp_path / "a.csv").write_text("text\nhello\n")
+    for args, message in [(["--files", str(tmp_path / "missing.jsonl")], "no such file"),
+                          (["--files", str(tmp_path / "a.csv")], "must be all"),
+                          (["--num_proc", "0"], "--num_proc must be >= 1")]:
+        with pytest.raises(SystemExit) as info:
+            prepare.main(args + ["--out_dir", str(tmp_path / "out")])
+        assert str(info.value).startswith("error:") and message in str(info.value), args
+
+
+# ----------------------------------------------------------------------------- shakespeare
+
+SAMPLE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+               "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
+
+
+def test_shakespeare_char_on_local_input(tmp_path):
+    text_file = tmp_path / "input.txt"
+    text_file.write_text(SAMPLE_TEXT)
+    result = check_ok(run_script("shakespeare_char", "--input", text_file, "--out_dir", tmp_path / "out"))
+    meta = tokenizer.load_meta(tmp_path / "out")
+    assert meta["vocab_size"] == len(set(SAMPLE_TEXT))
+    assert "".join(meta["itos"][i] for i in range(meta["vocab_size"])) == "".join(sorted(set(SAMPLE_TEXT)))
+    _, decode = tokenizer.encoder_decoder(meta)
+    cut = int(len(SAMPLE_TEXT) * 0.9)
+    assert decode(read_bin(tmp_path / "out" / "train.bin").tolist()) == SAMPLE_TEXT[:cut]
+    assert decode(read_bin(tmp_path / "out" / "val.bin").tolist()) == SAMPLE_TEXT[cut:]
+    assert f"train has {cut:,} tokens" in result.stdout
+
+
+def test_shakespeare_bpe_on_local_input(gpt2_ranks_file, tmp_path, monkeypatch):
+    text_file = tmp_path / "input.txt"
+    text_file.write_text(SAMPLE_TEXT)
+    check_ok(run_script("shakespeare", "--input", text_file, "--out_dir", tmp_path / "out",
+                        env={"GPT2_RANKS_FILE": gpt2_ranks_file}))
+    monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
+    enc = tokenizer.gpt2_encoding()
+    cut = int(len(SAMPLE_TEXT) * 0.9)
+    assert read_bin(tmp_path / "out" / "train.bin").tolist() == enc.encode_ordinary(SAMPLE_TEXT[:cut])
+    assert read_bin(tmp_path / "out" / "val.bin").tolist() == enc.encode_ordinary(SAMPLE_TEXT[cut:])
+    assert tokenizer.load_meta(tmp_path / "out") == {"vocab_size": 50257, "tokenizer": "gpt2"}
+
+
+def test_shakespeare_download_failure_is_one_line(tmp_path):
+    # every HTTPS request goes to a closed local port: the download fails at once, network or not
+    closed_port = "http://127.0.0.1:9"
+    proxy = {"https_proxy": closed_port, "HTTPS_PROXY": closed_port, "no_proxy": "", "NO_PROXY": ""}
+    result = run_script("shakespeare_char", "--out_dir", tmp_path, env=proxy)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not download") and "--input" in lines[0]
+    assert os.listdir(tmp_path) == []  # no partial input.txt to be mistaken for the text later
+
+
+@pytest.mark.parametrize("name", ["stdlib_char", "openwebtext", "shakespeare_char", "shakespeare"])
+def test_prepare_help(name):
+    result = check_ok(run_script(name, "--help"))
+    assert "--out_dir" in result.stdout and "writes" in result.stdout.lower()
