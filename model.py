@@ -1,10 +1,9 @@
 """
-Full definition of a GPT-2 language model, all of it in this single file.
-References:
-1) the official GPT-2 TensorFlow implementation released by OpenAI:
-https://github.com/openai/gpt-2/blob/master/src/model.py
-2) Hugging Face transformers' PyTorch implementation, whose checkpoints from_pretrained() loads:
-https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
+GPT-2, the model both optimizers train: token and position embeddings, n_layer pre-LayerNorm
+transformer blocks (causal self-attention, then a 4x MLP), a final LayerNorm, and an output layer
+that shares its weight with the token embedding. Parameter names follow nanoGPT's, so its
+checkpoints load; from_pretrained() reads OpenAI's released weights through Hugging Face
+transformers. The architecture follows OpenAI's GPT-2 paper and code (openai/gpt-2, src/model.py).
 """
 
 import math
@@ -20,9 +19,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        # key, query, value projections for all heads, but in a batch
+        # one matmul makes the queries, keys and values of every head: (C) -> (3C)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        # output projection
+        # mixes the heads' outputs back into the residual stream
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -36,9 +35,9 @@ class CausalSelfAttention(nn.Module):
             self.scale /= layer_idx + 1
 
     def forward(self, x):
-        B, T, C = x.size() # batch size, sequence length, embedding dimensionality (n_embd)
+        B, T, C = x.size() # batch, time, channels (n_embd)
 
-        # calculate query, key, values for all heads in batch and move head forward to be the batch dim
+        # split into q, k, v and give each head its own slice of the channels: heads become a batch dim
         q, k, v  = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
@@ -48,9 +47,7 @@ class CausalSelfAttention(nn.Module):
         # which never materialise the (T, T) attention matrix
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True, scale=self.scale) # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C) # re-assemble all head outputs side by side
-
-        # output projection
+        y = y.transpose(1, 2).contiguous().view(B, T, C) # heads concatenated back into C channels
         y = self.resid_dropout(self.c_proj(y))
         return y
 
@@ -89,12 +86,12 @@ class Block(nn.Module):
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50304 # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
+    vocab_size: int = 50304 # 50257 BPE tokens rounded up to a multiple of 64: faster matmuls, unused rows
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    bias: bool = True # biases in every Linear and LayerNorm as GPT-2 had; the official Sophia runs drop them
     scale_attn_by_inverse_layer_idx: bool = False # True: layer i's attention logits also scaled by 1/(i+1)
 
 class GPT(nn.Module):
@@ -117,7 +114,7 @@ class GPT(nn.Module):
         # which saves vocab_size * n_embd parameters and trains as well or better (Press & Wolf, 2017)
         self.transformer.wte.weight = self.lm_head.weight
 
-        # init all weights
+        # N(0, 0.02) for every matmul weight and embedding, zero biases, as GPT-2
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections into the residual stream: each block adds two of
         # them (attention and MLP), so the stream's variance would otherwise grow with 2 * n_layer
@@ -126,12 +123,8 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02/math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding=True):
-        """
-        Return the number of parameters in the model.
-        For non-embedding count (default), the position embeddings get subtracted.
-        The token embeddings would too, except due to the parameter sharing these
-        params are actually used as weights in the final layer, so we include them.
-        """
+        """Parameter count. non_embedding leaves out the position embeddings, which do no matmul
+        work; the token embedding stays in, since as the tied output layer it does."""
         n_params = sum(p.numel() for p in self.parameters()) # parameters() yields tied tensors once
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
@@ -151,7 +144,6 @@ class GPT(nn.Module):
             f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device) # shape (t)
 
-        # forward the GPT model itself
         tok_emb = self.transformer.wte(idx) # token embeddings of shape (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos) # position embeddings of shape (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
@@ -163,7 +155,7 @@ class GPT(nn.Module):
             # training, and the Hessian pass, which samples labels at every position
             logits = self.lm_head(x) # (b, t, vocab_size)
         else:
-            # inference-time mini-optimization: only forward the lm_head on the very last position
+            # generation needs only the next token's logits: skip the (T-1) * vocab_size others
             logits = self.lm_head(x[:, [-1], :]) # (b, 1, vocab_size): the list [-1] keeps the time dim
         loss = None
         if targets is not None:
@@ -171,9 +163,9 @@ class GPT(nn.Module):
         return logits, loss
 
     def crop_block_size(self, block_size):
-        # model surgery to decrease the block size if necessary, e.g. to load the GPT-2 checkpoint
-        # (block size 1024) and train at a smaller block size. Call it before configure_optimizers:
-        # it replaces the wpe parameter, which an existing optimizer would not see.
+        # shorten the context, e.g. to train GPT-2's weights (1024 positions) on shorter sequences:
+        # keeps the first block_size position embeddings. Call it before configure_optimizers: it
+        # replaces the wpe parameter, which an existing optimizer would not see.
         if block_size > self.config.block_size:
             raise ValueError(f"crop_block_size: {block_size} is larger than the model's block_size "
                              f"{self.config.block_size}; the block size can only shrink")
@@ -185,7 +177,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
         """A GPT-2 checkpoint from Hugging Face: a hub name or a local save_pretrained directory."""
-        override_args = override_args or {} # default to empty dict
+        override_args = override_args or {}
         # only dropout can be overridden; everything else must match the checkpoint
         if set(override_args) - {'dropout'}:
             raise ValueError(f"from_pretrained: only 'dropout' can be overridden, got {sorted(override_args)}")
@@ -209,13 +201,12 @@ class GPT(nn.Module):
         model = cls(config)
         sd = model.state_dict()
 
-        # copy while ensuring all of the parameters are aligned and match in names and shapes;
-        # older transformers also store the causal mask as attn.bias / attn.masked_bias buffers
+        # every tensor must have a counterpart of the same name and shape; older transformers also
+        # store the causal mask as attn.bias / attn.masked_bias buffers, which are no parameters
         sd_hf = {k: v for k, v in model_hf.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
         sd_hf.setdefault('lm_head.weight', sd_hf['transformer.wte.weight']) # tied, saved once
         assert sd_hf.keys() == sd.keys(), f"mismatched keys: {sorted(sd_hf.keys() ^ sd.keys())}"
-        # the openai checkpoints use a "Conv1D" module, which stores these weights as (in, out);
-        # nn.Linear stores (out, in), so they are transposed
+        # transformers keeps GPT-2's projections in its Conv1D layout, (in, out); nn.Linear is (out, in)
         transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
         with torch.no_grad():
             for k, w in sd_hf.items():
@@ -258,8 +249,7 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """ FLOPs of one forward + backward pass per token, at sequence length block_size """
-        # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
-        # 6N for the matmuls with the weights (2 forward, 4 backward), 12*L*H*Q*T for attention
+        # PaLM (arXiv 2204.02311), appendix B: 6N for the matmuls with the weights (2 forward, 4 backward), 12*L*H*Q*T for attention
         N = self.get_num_params()
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd//cfg.n_head, cfg.block_size
@@ -276,30 +266,20 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """
-        Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
-        the sequence max_new_tokens times, feeding the predictions back into the model each time.
-        Most likely you'll want to make sure to be in model.eval() mode of operation for this.
-        Pass a torch.Generator to make the sampling reproducible.
-        """
+        """Extend idx (b, t) by max_new_tokens sampled tokens, one at a time, each conditioned on
+        at most the last block_size tokens. Call model.eval() first (dropout); a torch.Generator
+        makes the samples reproducible."""
         if temperature <= 0:
             raise ValueError(f"generate: temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
         for _ in range(max_new_tokens):
-            # if the sequence context is growing too long we must crop it at block_size
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            # forward the model to get the logits for the index in the sequence
             logits, _ = self(idx_cond)
-            # pluck the logits at the final step and scale by desired temperature
-            logits = logits[:, -1, :] / temperature # (b, vocab_size)
-            # optionally crop the logits to only the top k options
+            logits = logits[:, -1, :] / temperature # (b, vocab_size); < 1 sharpens, > 1 flattens
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float('Inf')
-            # apply softmax to convert logits to (normalized) probabilities
             probs = F.softmax(logits, dim=-1)
-            # sample from the distribution
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator) # (b, 1)
-            # append sampled index to the running sequence and continue
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 

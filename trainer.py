@@ -409,9 +409,9 @@ def train(optimizer_name, config, sources, rank, local_rank, world_size, device,
             print(f"resuming from {resume_path} (iteration {resume_state['iter_num']})")
 
     torch.manual_seed(config['seed'] + rank)  # dropout differs per process; data order does not
-    if device.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.startswith('cuda'):  # TF32 tensor cores for any float32 matmul left outside autocast
+        torch.backends.cuda.matmul.fp32_precision = 'tf32'
+        torch.backends.cudnn.conv.fp32_precision = 'tf32'
     device_type = 'cuda' if device.startswith('cuda') else device
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[config['dtype']]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
