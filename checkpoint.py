@@ -2,12 +2,12 @@
 Checkpoints that survive crashes: atomic writes, a checksum, rotation, and fallback on resume.
 
 A checkpoint is two files in out_dir: `ckpt-<iter>.pt` (torch.save of a dict of tensors and plain
-values, loadable with torch.load(weights_only=True)) and `ckpt-<iter>.json`, written after it,
-holding the format version, the iteration, the byte count and the sha256 of the .pt. Each file is
-written to a temporary name, flushed and fsync'd, then renamed over its final name, and the folder
-is fsync'd: a crash at any moment (kill -9, power loss) leaves either the old files or the new
-ones, never a half-written file under a final name. A .pt without its .json, or whose bytes do not
-match it, is not trusted. The newest `keep_last` checkpoints are kept, plus `best.pt`/`best.json`,
+values, loadable with torch.load(weights_only=True)) and `ckpt-<iter>.json`, holding the format
+version, the iteration, the byte count and the sha256 of the .pt. Each file is written to a
+temporary name, flushed and fsync'd, then renamed over its final name (the .json first, the .pt
+last), and the folder is fsync'd: a crash at any moment (kill -9, power loss) leaves either the old
+files or the new ones, never a half-written file under a final name. A .pt without its .json, or
+whose bytes do not match it, is not trusted. The newest `keep_last` checkpoints are kept, plus `best.pt`/`best.json`,
 a hard link to the checkpoint with the lowest val loss so far.
 """
 
@@ -20,6 +20,7 @@ import torch
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = re.compile(r'^ckpt-(\d+)\.pt$')
+TEMPORARY_NAME = re.compile(r'^(ckpt-\d+|best)\.(pt|json)\.tmp\d+$')  # a write that a crash cut short
 
 class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message says which and why."""
@@ -42,14 +43,19 @@ class HashingWriter:
     def flush(self):
         self.f.flush()
 
+def write_synced(path, write):
+    """Call write(f) on a new file at `path` and fsync it; return what write returned."""
+    with open(path, 'wb') as f:
+        result = write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return result
+
 def write_atomic(path, write):
     """Call write(f) on a temporary file, fsync it, and rename it to `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, 'wb') as f:
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        result = write_synced(tmp, write)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -68,10 +74,18 @@ def save_checkpoint(out_dir, state, iter_num, keep_last, is_best):
         writer = HashingWriter(f)
         torch.save(state, writer)
         return writer
-    writer = write_atomic(pt_path, write_pt)
-    manifest = dict(format_version=FORMAT_VERSION, iter_num=iter_num, bytes=writer.size,
-                    sha256=writer.sha256.hexdigest(), file=os.path.basename(pt_path))
-    write_atomic(json_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    # the .pt takes its final name last, after its manifest: a crash at any moment never leaves a
+    # ckpt-*.pt without the .json it is verified against
+    tmp = f"{pt_path}.tmp{os.getpid()}"
+    try:
+        writer = write_synced(tmp, write_pt)
+        manifest = dict(format_version=FORMAT_VERSION, iter_num=iter_num, bytes=writer.size,
+                        sha256=writer.sha256.hexdigest(), file=os.path.basename(pt_path))
+        write_atomic(json_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        os.replace(tmp, pt_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     if is_best:
         best_pt, best_json = checkpoint_paths(out_dir, 'best')
         for source, target in ((pt_path, best_pt), (json_path, best_json)):
@@ -140,9 +154,14 @@ def load_checkpoint(pt_path, map_location='cpu'):
 def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False):
     """The newest checkpoint in out_dir that verifies and loads, falling back past damaged ones.
     With `quarantine` (one process only), a damaged checkpoint is renamed to *.pt.damaged, kept for
-    inspection but no longer counted as a checkpoint. Returns (state, path), or (None, None) when
+    inspection but no longer counted as a checkpoint, and the temporary files of writes that a
+    crash cut short are deleted. Returns (state, path), or (None, None) when
     out_dir holds no checkpoint at all. Raises CheckpointError when none is usable."""
     problems = []
+    if quarantine and os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            if TEMPORARY_NAME.match(name):  # left by a killed run: as large as a checkpoint
+                os.remove(os.path.join(out_dir, name))
     for iter_num in list_checkpoints(out_dir):
         pt_path = checkpoint_paths(out_dir, f"ckpt-{iter_num:08d}")[0]
         try:

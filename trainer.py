@@ -181,6 +181,16 @@ def open_dataset(dataset, block_size):
             vocab_size = pickle.load(f)['vocab_size']
     return vocab_size, paths
 
+def check_token_ids(paths, vocab_size, dataset):
+    """Token ids at or beyond the model's vocabulary mean the data was prepared for another one.
+    Checked on the first 16M tokens of each file before anything is written to out_dir (a full
+    scan of OpenWebText would take minutes); get_batch checks every batch it draws besides."""
+    for path in paths.values():
+        largest = int(np.memmap(path, dtype=np.uint16, mode='r')[:1 << 24].max())
+        if largest >= vocab_size:
+            raise UserError(f"{path} holds token id {largest} >= the model's vocab_size {vocab_size}; "
+                            f"the data was prepared for another vocabulary: {prepare_command(dataset)}")
+
 def get_batch(path, seed, stream, index, batch_size, block_size, vocab_size, device, dataset):
     """Micro-batch `index` of a random stream: `batch_size` random windows of the token file."""
     # recreate the memmap every batch: a long-lived np.memmap holds on to the pages it touched
@@ -419,6 +429,7 @@ def train(optimizer_name, config, sources, rank, local_rank, world_size, device,
     vocab_size = dataset_vocab or 50304  # 50304: GPT-2's 50257 padded to a multiple of 64
     model, model_args = build_model(config, vocab_size, resume_state, master)
     model_vocab = model_args['vocab_size']
+    check_token_ids(paths, model_vocab, config['dataset'])
     model.to(device)
     scaler = torch.amp.GradScaler(device_type, enabled=config['dtype'] == 'float16')
     optimizer = model.configure_optimizers(optimizer_name, device_type=device_type,
@@ -525,6 +536,10 @@ def train(optimizer_name, config, sources, rank, local_rank, world_size, device,
         if iter_num >= config['max_iters']:
             break
         if stop_agreed:
+            if world_size > 1:
+                # wait for process 0 to finish writing the checkpoint: once one process exits with
+                # an error status torchrun gives the others only its shutdown timeout (30 s)
+                dist.barrier()
             signum = stop_flag.signum or signal.SIGTERM  # another process may have been signalled
             raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at iteration {iter_num}; "
                                   f"checkpoint {last_checkpoint}; resume with --init_from=resume",
@@ -569,8 +584,11 @@ def train(optimizer_name, config, sources, rank, local_rank, world_size, device,
             if nonfinite_in_a_row >= config['max_nonfinite']:
                 raise TrainingStopped(
                     f"{nonfinite_in_a_row} iterations in a row with a non-finite loss or gradient, the "
-                    f"last at iteration {iter_num}; the last good checkpoint is {last_checkpoint}. "
-                    f"Lower the learning rate (or raise rho for Sophia) and resume from it", 1)
+                    f"last at iteration {iter_num}; "
+                    + (f"the last good checkpoint is {last_checkpoint}. Lower the learning rate (or "
+                       f"raise rho for Sophia) and resume from it" if last_checkpoint else
+                       "no checkpoint was saved yet. Lower the learning rate (or raise rho for "
+                       "Sophia) and start again"), 1)
         else:
             nonfinite_in_a_row = 0
             if config['grad_clip'] > 0:
@@ -602,8 +620,9 @@ def train(optimizer_name, config, sources, rank, local_rank, world_size, device,
             # the only reads of device values between evaluations: one stack, one transfer
             values = [loss_sum, clip_count, hessian_skips]
             names = ['loss_sum', 'clip_count', 'hessian_skips']
-            if is_sophia:
-                diagnostics = optimizer.diagnostics()
+            if is_sophia and optimizer.state:  # no state before the first step or Hessian pass
+                # bs given: after a resume, or when every step so far was skipped, no step() has set it
+                diagnostics = optimizer.diagnostics(bs=bs)
                 names += list(diagnostics)
                 values += list(diagnostics.values())
             names.append('param_norm')
@@ -626,21 +645,32 @@ def train(optimizer_name, config, sources, rank, local_rank, world_size, device,
                 if config['grad_clip'] > 0 and steps_in_interval:
                     row['train/clip_rate'] = read['clip_count'] / steps_in_interval
                 if is_sophia:
-                    row.update({'train/win_rate': read['win_rate'], 'hessian_norm': read['hessian_norm'],
-                                'hessian_norm2': read['hessian_norm2'],
-                                'momentum_norm': read['momentum_norm'],
+                    row.update({'train/win_rate': read.get('win_rate'), 'hessian_norm': read.get('hessian_norm'),
+                                'hessian_norm2': read.get('hessian_norm2'),
+                                'momentum_norm': read.get('momentum_norm'),
                                 'hessian_skipped': read['hessian_skips']})
                 log.write(row)
                 line = f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, " \
                        f"{tokens_per_iter / dt:,.0f} tok/s"
                 if mfu is not None:
                     line += f", mfu {mfu * 100:.1f}%"
-                if is_sophia:
+                if 'win_rate' in read:
                     line += f", win rate {read['win_rate']:.3f}"
                 print(line, flush=True)
             steps_in_interval, skipped_in_interval = 0, 0
     if wandb_run is not None:
         wandb_run.finish()
+
+# how gloo (torch 2.13) words a peer that hung past ddp_timeout or died: a plain RuntimeError
+GLOO_FAILURES = ('Timed out waiting', 'pair closure', 'Connection closed by peer', 'Connection reset by peer')
+
+def is_communication_failure(e):
+    """A collective failed because another process died or hung. NCCL and the rendezvous store
+    raise torch.distributed.DistError (after ddp_timeout); gloo raises RuntimeError."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
+        text in str(e) for text in GLOO_FAILURES))
 
 def main(optimizer_name, defaults, argv):
     """Entry point of the training scripts: config, setup, train; errors a user can fix are one
@@ -663,11 +693,13 @@ def main(optimizer_name, defaults, argv):
         if master:
             print(e, file=sys.stderr, flush=True)
         status = e.status
-    except dist.DistBackendError as e:
+    except Exception as e:
+        status = 1  # and the process group is left alone: destroying it could wait on the dead peer
+        if not is_communication_failure(e):
+            raise
         print(f"error: process {os.environ.get('RANK', 0)}: communication with the other processes "
               f"failed or timed out: a peer process died or hung ({str(e).splitlines()[0]}); "
               f"resume with --init_from=resume", file=sys.stderr, flush=True)
-        status = 1
     finally:
         if dist.is_available() and dist.is_initialized():
             if status == 0:

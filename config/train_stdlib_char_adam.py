@@ -1,0 +1,32 @@
+# Quick start: a small character-level GPT on the Python standard library's own source code
+# (data/stdlib_char, prepared offline in seconds), with AdamW, on a CPU in a few minutes.
+# Tokens per iteration: 32 batch * 128 block * 1 accumulation = 4,096.
+# $ python data/stdlib_char/prepare.py && python train_adam.py config/train_stdlib_char_adam.py
+
+out_dir = 'out-stdlib-char-adam'
+wandb_run_name = 'stdlib-char-adam'
+dataset = 'stdlib_char'
+device = 'cpu'
+dtype = 'float32'
+compile = False
+
+batch_size = 32
+block_size = 128
+gradient_accumulation_steps = 1
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+
+learning_rate = 2e-3
+weight_decay = 0.1
+min_lr = 2e-4
+max_iters = 2000
+lr_decay_iters = 2000
+warmup_iters = 100
+
+eval_interval = 250
+eval_iters = 20
+log_interval = 50
+checkpoint_interval = 500

@@ -1,0 +1,651 @@
+"""Faults and bad input: kill -9 at random moments, SIGTERM (one process and torchrun), damaged
+checkpoints, non-finite losses and Hessian passes, a peer process that hangs or dies, and every
+user mistake that must end in one line `error: ...`, exit status 2 and an untouched out_dir.
+
+Runs that must end identical to an uninterrupted one are compared with `reference`, the same
+config run straight through in this process: parameters, every optimizer state tensor and every
+logged training loss, bit for bit. Every process runs on one thread: the machine's cores are
+shared, and one thread everywhere also keeps the float summation order the same in every run."""
+
+import glob
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ROOT, check_ok, make_char_dataset, read_metrics, run_script, tiny_args, train_losses
+
+sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
+import sophia  # noqa: E402
+import trainer  # noqa: E402
+from train_adam import adam_defaults  # noqa: E402
+from train_sophiag import sophiag_defaults  # noqa: E402
+
+ONE_THREAD = {'OMP_NUM_THREADS': '1'}
+# the shared run: a checkpoint every 2 iterations, a train row in metrics.jsonl every iteration
+RUN = dict(max_iters=32, lr_decay_iters=32, checkpoint_interval=2, eval_interval=8, log_interval=1)
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+WAIT = 180  # seconds: only a run that hangs, the failure these tests look for, comes near this
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    return make_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny_char'))
+
+def run_main(args, optimizer='sophiag'):
+    """trainer.main in this process, as the training script calls it, on one thread; returns the
+    exit status. The signal handlers main installs are put back afterwards."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.main(optimizer, sophiag_defaults() if optimizer == 'sophiag' else adam_defaults(), args)
+    except SystemExit as e:
+        return e.code
+    finally:
+        torch.set_num_threads(threads)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    raise AssertionError("trainer.main returned instead of exiting")
+
+def call_main(capsys, args, optimizer='sophiag'):
+    """run_main, and what it printed: (status, stdout, stderr)."""
+    capsys.readouterr()
+    status = run_main(args, optimizer)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+@pytest.fixture(scope='module')
+def reference(dataset, tmp_path_factory):
+    """The shared run, uninterrupted."""
+    out = str(tmp_path_factory.mktemp('reference') / 'out')
+    assert run_main(tiny_args(dataset, out, **RUN)) == 0
+    return out
+
+def state_at(out_dir, iter_num):
+    return checkpoint.load_checkpoint(os.path.join(out_dir, f'ckpt-{iter_num:08d}.pt'))
+
+def newest_state(out_dir):
+    return state_at(out_dir, checkpoint.list_checkpoints(out_dir)[0])
+
+def tensors(state):
+    """Every tensor of the model and the optimizer state, by name."""
+    found = {f'model.{key}': value for key, value in state['model'].items()}
+    for index, per_param in state['optimizer']['state'].items():
+        found.update({f'optimizer.{index}.{key}': torch.as_tensor(value) for key, value in per_param.items()})
+    return found
+
+def assert_same_tensors(a, b, only=None):
+    a, b = tensors(a), tensors(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        if only is None or only in key:
+            assert torch.equal(a[key], b[key]), key
+
+def assert_same_as_reference(out_dir, reference):
+    a, b = newest_state(out_dir), newest_state(reference)
+    assert a['iter_num'] == b['iter_num'] == RUN['max_iters']
+    assert_same_tensors(a, b)
+    assert train_losses(out_dir) == train_losses(reference)
+
+def start(tmp_path, name, script, args, env=None, launcher=None):
+    """Start a training script in the background, its output going to files <name>.out/.err."""
+    command = (launcher or [sys.executable]) + [script if os.path.isabs(script) else os.path.join(ROOT, script)]
+    with open(tmp_path / f'{name}.out', 'w') as out, open(tmp_path / f'{name}.err', 'w') as err:
+        process = subprocess.Popen(command + list(args), stdout=out, stderr=err, cwd=ROOT,
+                                   env=dict(os.environ, PYTHONUNBUFFERED='1', **ONE_THREAD, **(env or {})))
+    process.output = lambda: ((tmp_path / f'{name}.out').read_text(), (tmp_path / f'{name}.err').read_text())
+    return process
+
+def stop_tree(process):
+    """Kill a process we started and its children (torchrun starts its workers in new sessions)."""
+    children = []
+    try:
+        with open(f'/proc/{process.pid}/task/{process.pid}/children') as f:
+            children = [int(pid) for pid in f.read().split()]
+    except OSError:
+        pass
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.kill()
+    process.wait()
+
+def finish(process, timeout=WAIT):
+    """Wait for a background run; a run that does not end in time is killed and fails the test."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_tree(process)
+        pytest.fail(f"the run did not end within {timeout} s:\n" + '\n'.join(process.output())[-3000:])
+    return process.output()
+
+def wait_for_iteration(process, out_dir, iteration, after=0):
+    """Poll metrics.jsonl (past byte `after`) until the run has logged a train row of `iteration` or
+    later; return the train rows logged so far."""
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    deadline = time.time() + WAIT
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (status {process.returncode}) before iteration {iteration}:\n"
+                        + '\n'.join(process.output())[-3000:])
+        if os.path.exists(path):
+            with open(path) as f:
+                f.seek(after)
+                lines = f.read().split('\n')[:-1]  # the last piece is an unfinished line, or ''
+            rows = [row for row in map(json.loads, lines) if row['kind'] == 'train']
+            if any(row['iter'] >= iteration for row in rows):
+                return rows
+        time.sleep(0.005)
+    stop_tree(process)
+    pytest.fail(f"the run did not reach iteration {iteration} within {WAIT} s")
+
+def metrics_size(out_dir):
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+# -----------------------------------------------------------------------------
+# kill -9, SIGTERM
+
+def test_kill_9_at_random_moments_loses_nothing(tmp_path, dataset, reference):
+    """Three SIGKILLs at random moments (in an iteration, in a checkpoint write), each followed by
+    --init_from=resume, end exactly where the uninterrupted run ends; no checkpoint left behind
+    fails to verify."""
+    out = str(tmp_path / 'out')
+    args = tiny_args(dataset, out, **RUN)
+    rng = random.Random(20240917)
+    targets = sorted(rng.sample(range(3, RUN['max_iters'] - 6), 3))
+    for attempt, target in enumerate(targets):
+        after = metrics_size(out)
+        process = start(tmp_path, f'attempt{attempt}', 'train_sophiag.py',
+                        args + (['--init_from=resume'] if attempt else []))
+        rows = wait_for_iteration(process, out, target, after)
+        # somewhere in the next two iterations, checkpoint writes included, at any machine's speed
+        time.sleep(rng.uniform(0, 2) * min(row['ms_per_iter'] for row in rows) / 1000)
+        process.kill()
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, process.output()
+        print(f"killed after iteration {rows[-1]['iter']}, newest checkpoint "
+              f"{checkpoint.list_checkpoints(out)[:1]}")
+        left = sorted(glob.glob(os.path.join(out, 'ckpt-*.pt')))
+        assert left
+        for path in left:
+            checkpoint.verify(path)
+    result = check_ok(run_script('train_sophiag.py', args + ['--init_from=resume'], env=ONE_THREAD))
+    assert 'resuming from' in result.stdout
+    assert_same_as_reference(out, reference)
+    assert not [name for name in os.listdir(out) if '.tmp' in name]  # no partial writes left to fill the disk
+
+def stop_line(stderr):
+    """The last line of a run stopped by a signal: (iteration, checkpoint path)."""
+    match = re.fullmatch(r"stopped by SIGTERM at iteration (\d+); checkpoint (\S+); "
+                         r"resume with --init_from=resume", stderr.strip().splitlines()[-1])
+    assert match, stderr[-2000:]
+    return int(match[1]), match[2]
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_identical(tmp_path, dataset, reference):
+    out = str(tmp_path / 'out')
+    args = tiny_args(dataset, out, **dict(RUN, checkpoint_interval=100))  # the stop writes the checkpoint
+    process = start(tmp_path, 'run', 'train_sophiag.py', args)
+    wait_for_iteration(process, out, 5)
+    process.send_signal(signal.SIGTERM)
+    _, err = finish(process)
+    assert process.returncode == 128 + signal.SIGTERM == 143
+    assert 'received SIGTERM: finishing this iteration and saving a checkpoint' in err
+    iter_num, path = stop_line(err)
+    assert 5 <= iter_num < RUN['max_iters'] and path == os.path.join(out, f'ckpt-{iter_num:08d}.pt')
+    assert checkpoint.load_checkpoint(path)['iter_num'] == iter_num
+    result = check_ok(run_script('train_sophiag.py', args + ['--init_from=resume'], env=ONE_THREAD))
+    assert f'resuming from {path}' in result.stdout
+    assert_same_as_reference(out, reference)
+
+def test_torchrun_sigterm_stops_both_processes_at_one_iteration(tmp_path, dataset):
+    """torchrun passes SIGTERM on to its workers; they agree on the iteration to stop at, save
+    once with both processes' RNG states, and exit."""
+    out = str(tmp_path / 'out')
+    process = start(tmp_path, 'run', 'train_sophiag.py',
+                    tiny_args(dataset, out, **dict(RUN, checkpoint_interval=100)), launcher=TORCHRUN)
+    wait_for_iteration(process, out, 4)
+    process.send_signal(signal.SIGTERM)
+    _, err = finish(process)
+    assert process.returncode != 0
+    assert err.count('received SIGTERM: finishing this iteration') == 2  # each worker got it
+    assert len(re.findall(r'^stopped by SIGTERM at iteration', err, re.M)) == 1  # said once
+    iter_num, path = stop_line(next(line for line in err.splitlines() if line.startswith('stopped')))
+    state = checkpoint.load_checkpoint(path)
+    assert state['iter_num'] == iter_num and len(state['rng']) == 2
+
+# a wrapper around train_sophiag.py that makes process 1 fail at the top of iteration FAULT_ITER
+FAULTY_SCRIPT = '''
+import atexit, os, signal, sys, time
+sys.path.insert(0, {root!r})
+import checkpoint, trainer
+from train_sophiag import sophiag_defaults
+
+fault, at, rank = os.environ['FAULT'], int(os.environ['FAULT_ITER']), int(os.environ['RANK'])
+def note(event):  # when something happened, for the test to compare
+    with open(os.path.join(os.environ['FAULT_LOG'], f'{{event}}-{{rank}}'), 'w') as f:
+        f.write(repr(time.time()))
+atexit.register(note, 'exit')
+get_lr = trainer.get_lr
+def faulty_get_lr(it, config):  # every process calls it at the top of every iteration
+    if rank == 1 and it == at:
+        if fault == 'hang':
+            time.sleep(3600)
+        elif fault == 'die':
+            os._exit(7)
+        elif fault == 'signal':  # the signal reaches this process only
+            os.kill(os.getpid(), signal.SIGTERM)
+    return get_lr(it, config)
+trainer.get_lr = faulty_get_lr
+if fault == 'signal' and rank == 0:
+    save_checkpoint = checkpoint.save_checkpoint
+    def slow_save_checkpoint(*args, **kwargs):  # a large checkpoint on a slow disk
+        time.sleep(3)
+        path = save_checkpoint(*args, **kwargs)
+        note('saved')
+        return path
+    checkpoint.save_checkpoint = slow_save_checkpoint
+trainer.main('sophiag', sophiag_defaults(), sys.argv[1:])
+'''
+
+def faulty_script(tmp_path):
+    path = tmp_path / 'faulty_train.py'
+    path.write_text(FAULTY_SCRIPT.format(root=ROOT))
+    return str(path)
+
+def noted(tmp_path, event, rank):
+    return float((tmp_path / f'{event}-{rank}').read_text())
+
+def test_a_signal_to_one_torchrun_process_stops_both_and_the_checkpoint_resumes(tmp_path, dataset, reference):
+    """Process 1 alone gets SIGTERM, and process 0 takes 3 s to write the checkpoint. Once a worker
+    exits with an error status torchrun stops the others after a grace time (30 s), which a large
+    checkpoint can outlast: so no process exits before the checkpoint is on disk. The resumed
+    2-process run then matches the single-process reference up to float summation order."""
+    out = str(tmp_path / 'out')
+    args = tiny_args(dataset, out, **dict(RUN, max_iters=12, checkpoint_interval=100, ddp_timeout=60))
+    env = dict(FAULT='signal', FAULT_ITER='3', FAULT_LOG=str(tmp_path))
+    _, err = finish(start(tmp_path, 'run', faulty_script(tmp_path), args, env=env, launcher=TORCHRUN))
+    assert 'stopped by SIGTERM at iteration 4' in err, err[-3000:]
+    assert noted(tmp_path, 'exit', 1) >= noted(tmp_path, 'saved', 0)  # process 1 waited for the save
+    path = os.path.join(out, 'ckpt-00000004.pt')
+    state = checkpoint.load_checkpoint(path)
+    assert state['iter_num'] == 4 and len(state['rng']) == 2
+    result = check_ok(run_script('train_sophiag.py', args + ['--init_from=resume'], launcher=TORCHRUN,
+                                 env=ONE_THREAD))
+    assert f'resuming from {path}' in result.stdout
+    resumed, straight = train_losses(out), train_losses(reference)
+    assert sorted(resumed) == list(range(1, 13))
+    for it in resumed:
+        assert resumed[it] == pytest.approx(straight[it], rel=1e-4), it
+
+def test_a_second_signal_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(os, '_exit', exits.append)
+    flag = trainer.SignalFlag()
+    flag.handle(signal.SIGTERM, None)
+    assert flag.signum == signal.SIGTERM and exits == []
+    flag.handle(signal.SIGTERM, None)
+    assert exits == [143]
+    # Ctrl-C can reach a torchrun worker as SIGINT and SIGTERM at once: that is one request
+    flag = trainer.SignalFlag()
+    flag.handle(signal.SIGINT, None)
+    flag.handle(signal.SIGTERM, None)
+    assert exits == [143] and flag.signum == signal.SIGINT
+
+# -----------------------------------------------------------------------------
+# damaged checkpoints
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip a byte'])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, dataset, reference, capsys, damage):
+    out = str(tmp_path / 'out')
+    args = tiny_args(dataset, out, **RUN)
+    assert run_main(args + ['--max_iters=12']) == 0  # checkpoints 8, 10, 12 kept
+    damaged = os.path.join(out, 'ckpt-00000012.pt')
+    data = bytearray(open(damaged, 'rb').read())
+    if damage == 'truncate':
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    with open(damaged, 'wb') as f:
+        f.write(data)
+    status, stdout, _ = call_main(capsys, args + ['--init_from=resume'])
+    assert status == 0
+    warning = next(line for line in stdout.splitlines() if line.startswith('warning:'))
+    assert damaged in warning and ('truncated' if damage == 'truncate' else 'sha256') in warning
+    assert f"resuming from {os.path.join(out, 'ckpt-00000010.pt')}" in stdout
+    assert os.path.exists(damaged + '.damaged')  # kept for inspection, no longer a checkpoint
+    assert_same_as_reference(out, reference)
+
+class Killed(BaseException):
+    """Stands for kill -9 at one chosen point of a checkpoint write."""
+
+@pytest.mark.parametrize('at', ['in torch.save', '.json', '.pt'])  # or at the rename to that name
+def test_a_write_cut_short_leaves_no_checkpoint_that_fails_to_verify(tmp_path, monkeypatch, at):
+    """The random kills above rarely land in the few milliseconds of a write; here the cut comes
+    exactly at each step of one. Whatever was cut, every ckpt-*.pt under its final name verifies,
+    the previous checkpoint is the one resumed, and what a real kill would leave behind (the
+    temporary file) is cleared by the resume."""
+    out = str(tmp_path)
+    state = dict(format_version=checkpoint.FORMAT_VERSION, weights=torch.arange(10000.0))
+    checkpoint.save_checkpoint(out, dict(state, iter_num=2), 2, keep_last=3, is_best=False)
+    def cut(*args, **kwargs):
+        raise Killed()
+    if at == 'in torch.save':
+        monkeypatch.setattr(checkpoint.HashingWriter, 'write', cut)
+    else:
+        replace = os.replace
+        monkeypatch.setattr(os, 'replace', lambda a, b: cut() if b.endswith(at) else replace(a, b))
+    with pytest.raises(Killed):
+        checkpoint.save_checkpoint(out, dict(state, iter_num=4), 4, keep_last=3, is_best=False)
+    monkeypatch.undo()
+    assert checkpoint.list_checkpoints(out) == [2]
+    checkpoint.verify(os.path.join(out, 'ckpt-00000002.pt'))
+    stale = os.path.join(out, 'ckpt-00000004.pt.tmp12345')  # what kill -9 leaves, unlike an exception
+    open(stale, 'wb').close()
+    loaded, path = checkpoint.load_latest(out, quarantine=True)
+    assert loaded['iter_num'] == 2 and path.endswith('ckpt-00000002.pt')
+    assert not os.path.exists(stale)
+
+# -----------------------------------------------------------------------------
+# non-finite losses, gradients and Hessian passes
+
+NAN_RUN = dict(max_iters=7, checkpoint_interval=1, keep_last=100, eval_interval=100)  # Hessian passes at 2, 5
+
+def poison(monkeypatch, module, name, bad_calls, counted=lambda *args: True):
+    """Make module.name return NaN at the given calls (numbered from 0 among the calls for which
+    counted(*args) holds)."""
+    real, calls = getattr(module, name), []
+    def poisoned(*args, **kwargs):
+        value = real(*args, **kwargs)
+        if counted(*args):
+            calls.append(len(calls))
+            if calls[-1] in bad_calls:
+                return value * float('nan')
+        return value
+    monkeypatch.setattr(module, name, poisoned)
+
+def training_call(model, *args):
+    return model.training  # not the evaluations
+
+def rows_by_iter(out_dir):
+    return {row['iter']: row for row in read_metrics(out_dir, 'train')}
+
+@pytest.mark.parametrize('optimizer', ['sophiag', 'adamw'])
+def test_a_nan_loss_skips_the_update_and_touches_no_state(tmp_path, dataset, monkeypatch, capsys, optimizer):
+    poison(monkeypatch, trainer, 'forward_loss', {2 * 3 + 1}, training_call)  # micro-batch 1 of iteration 3
+    out = str(tmp_path / 'out')
+    status, stdout, _ = call_main(capsys, tiny_args(dataset, out, optimizer == 'sophiag', **NAN_RUN), optimizer)
+    assert status == 0
+    assert 'iter 3: non-finite loss or gradient, update skipped (1 in a row)' in stdout
+    before, after, later = state_at(out, 3), state_at(out, 4), state_at(out, 5)
+    assert_same_tensors(before, after)  # parameters, momentum, Hessian EMA, step count
+    with pytest.raises(AssertionError):
+        assert_same_tensors(after, later)  # whereas a normal iteration changes them
+    assert (after['nonfinite_in_a_row'], later['nonfinite_in_a_row']) == (1, 0)
+    rows = rows_by_iter(out)
+    assert [rows[it]['skipped'] for it in range(1, 8)] == [0, 0, 0, 1, 0, 0, 0]
+    assert rows[4]['loss'] is None and rows[5]['loss'] is not None
+
+def test_a_nan_hessian_pass_leaves_the_hessian_untouched(tmp_path, dataset, monkeypatch, capsys):
+    poison(monkeypatch, sophia, 'sampled_label_loss', {2})  # the second pass (iteration 5), first micro-batch
+    out = str(tmp_path / 'out')
+    status, _, _ = call_main(capsys, tiny_args(dataset, out, **NAN_RUN))
+    assert status == 0
+    def hessians(iter_num):
+        return [s['hessian'] for s in state_at(out, iter_num)['optimizer']['state'].values()]
+    assert any(not torch.equal(a, b) for a, b in zip(hessians(2), hessians(3)))  # the first pass ran
+    assert any(h.sum() > 0 for h in hessians(5))
+    assert all(torch.equal(a, b) for a, b in zip(hessians(5), hessians(6)))  # the second was skipped
+    with pytest.raises(AssertionError):
+        assert_same_tensors(state_at(out, 5), state_at(out, 6), only='model')  # but the step was taken
+    rows = rows_by_iter(out)
+    assert [rows[it]['hessian_skipped'] for it in range(1, 8)] == [0, 0, 0, 0, 0, 1, 0]
+    assert all(rows[it]['skipped'] == 0 for it in rows)
+
+@pytest.mark.parametrize('first_bad, checkpoint_interval, named', [
+    (2, 2, 'the last good checkpoint is {out}/ckpt-00000004.pt'),
+    (0, 100, 'no checkpoint was saved yet')])
+def test_max_nonfinite_in_a_row_stops_the_run(tmp_path, dataset, monkeypatch, capsys, first_bad,
+                                              checkpoint_interval, named):
+    poison(monkeypatch, trainer, 'forward_loss', set(range(2 * first_bad, 1000)), training_call)
+    out = str(tmp_path / 'out')
+    status, _, err = call_main(capsys, tiny_args(dataset, out, max_nonfinite=3, max_iters=12,
+                                                 checkpoint_interval=checkpoint_interval))
+    assert status == 1 and 'Traceback' not in err
+    last = err.strip().splitlines()[-1]
+    assert f'3 iterations in a row with a non-finite loss or gradient, the last at iteration {first_bad + 2}' in last
+    assert named.format(out=out) in last
+    if checkpoint_interval == 2:
+        checkpoint.verify(os.path.join(out, 'ckpt-00000004.pt'))
+
+def test_float16_overflow_is_the_grad_scalers_not_a_skipped_iteration(tmp_path, dataset, monkeypatch, capsys):
+    """Under float16 a gradient that overflows is the GradScaler's business: it skips the step and
+    lowers the scale; the run does not count it as a non-finite iteration."""
+    real = trainer.forward_loss
+    calls = []
+    def huge_at_iteration_3(model, X, Y, autocast):
+        loss = real(model, X, Y, autocast)
+        if model.training:
+            calls.append(None)
+            if len(calls) - 1 == 2 * 3:
+                return loss * 1e6  # times the scale 65536: the float16 gradients overflow
+        return loss
+    monkeypatch.setattr(trainer, 'forward_loss', huge_at_iteration_3)
+    out = str(tmp_path / 'out')
+    status, stdout, _ = call_main(capsys, tiny_args(dataset, out, dtype='float16', **NAN_RUN))
+    assert status == 0 and 'non-finite' not in stdout
+    assert all(row['skipped'] == 0 for row in read_metrics(out, 'train'))
+    before, after = state_at(out, 3), state_at(out, 4)
+    assert after['scaler']['scale'] < before['scaler']['scale']
+    assert_same_tensors(before, after, only='model')  # the scaler skipped the step
+
+# -----------------------------------------------------------------------------
+# a process that hangs or dies
+
+def assert_communication_error(err):
+    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith('error: process 0: communication with the other processes failed or '
+                               'timed out: a peer process died or hung (')
+    assert lines[0].endswith('); resume with --init_from=resume')
+    assert 'Traceback' not in err.split('error: ')[0]  # nothing raised past main
+    return lines[0]
+
+def test_a_hung_process_makes_the_others_stop_within_ddp_timeout(tmp_path, dataset):
+    """Process 1 hangs at iteration 3; process 0 waits at most ddp_timeout in a collective, then
+    says so in one line and exits. Both processes are started by hand, as torchrun would start
+    them, to watch process 0 alone: torchrun itself kills a hung worker 30 s after another failed."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / 'out')
+    args = tiny_args(dataset, out, **dict(RUN, max_iters=12, ddp_timeout=5))
+    processes = [start(tmp_path, f'rank{rank}', faulty_script(tmp_path), args,
+                       env=dict(FAULT='hang', FAULT_ITER='3', FAULT_LOG=str(tmp_path), RANK=str(rank),
+                                LOCAL_RANK=str(rank), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2',
+                                MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)))
+                 for rank in (0, 1)]
+    try:
+        _, err = finish(processes[0])  # the bound a hang would reach
+        assert processes[0].returncode == 1
+        assert processes[1].poll() is None  # still hanging: process 0 did not wait for it to go
+    finally:
+        stop_tree(processes[1])
+    assert 'Timed out' in assert_communication_error(err)
+
+def test_a_dead_process_ends_the_torchrun_run(tmp_path, dataset):
+    """Process 1 dies at iteration 3: process 0's next collective fails at once, it says so in one
+    line, and torchrun reports the failure."""
+    out = str(tmp_path / 'out')
+    args = tiny_args(dataset, out, **dict(RUN, max_iters=12, ddp_timeout=5))
+    env = dict(FAULT='die', FAULT_ITER='3', FAULT_LOG=str(tmp_path))
+    process = start(tmp_path, 'run', faulty_script(tmp_path), args, env=env, launcher=TORCHRUN)
+    _, err = finish(process)
+    assert process.returncode != 0
+    assert_communication_error(err)
+
+# -----------------------------------------------------------------------------
+# bad input: one line, exit status 2, nothing in out_dir overwritten
+
+@pytest.fixture(scope='module')
+def finished_run(dataset, tmp_path_factory):
+    """A small finished Sophia-G run, copied into place as the pre-existing out_dir."""
+    out = str(tmp_path_factory.mktemp('finished') / 'out')
+    assert run_main(tiny_args(dataset, out, max_iters=4, checkpoint_interval=2, eval_interval=2)) == 0
+    return out
+
+def damaged_dataset(dataset, folder, kind):
+    """A copy of the tiny dataset: with an empty train.bin, or with token ids from another, larger
+    vocabulary ('foreign'), or with a meta.pkl that claims a vocabulary smaller than its ids ('small')."""
+    shutil.copytree(dataset, folder)
+    if kind == 'empty':
+        open(os.path.join(folder, 'train.bin'), 'wb').close()
+    if kind == 'foreign':
+        for split in ('train', 'val'):
+            path = os.path.join(folder, f'{split}.bin')
+            (np.fromfile(path, dtype=np.uint16) + 1000).tofile(path)
+    if kind in ('foreign', 'small'):
+        with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
+            pickle.dump({'vocab_size': 2000 if kind == 'foreign' else 10}, f)
+    return folder
+
+def config_file(tmp, text):
+    path = os.path.join(tmp, 'config.py')
+    with open(path, 'w') as f:
+        f.write(text)
+    return path
+
+def fake_gpu_without_bfloat16(monkeypatch):
+    """What setup_distributed sees on a GPU without bfloat16 (a V100, a T4)."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *args: 'Tesla V100-SXM2-16GB')
+
+def resume(dataset, out, **overrides):
+    return tiny_args(dataset, out, init_from='resume', **overrides)
+
+# case: (a function of (dataset, out_dir, tmp dir, monkeypatch) returning (optimizer, arguments),
+#        the out_dir: 'run' (a copy of finished_run) or 'fresh' (none yet), what the line must say)
+BAD_INPUTS = {
+    'unknown key in a config file': (
+        lambda d, o, t, m: ('sophiag', [config_file(t, 'max_iters = 8\nlearning_rat = 1e-3\n')] + resume(d, o)),
+        'run', ["config.py:2: 'learning_rat' is not a config key (did you mean 'learning_rate'?)"]),
+    'unknown key on the command line': (
+        lambda d, o, t, m: ('sophiag', resume(d, o) + ['--learning_rat=1e-3']),
+        'run', ["'learning_rat' is not a config key (did you mean 'learning_rate'?)"]),
+    'mistyped value in a config file': (
+        lambda d, o, t, m: ('sophiag', [config_file(t, "batch_size = 'four'\n")] + resume(d, o)),
+        'run', ["batch_size='four'", "config.py:1", 'expected an integer']),
+    'mistyped value on the command line': (
+        lambda d, o, t, m: ('sophiag', resume(d, o) + ['--batch_size=four']),
+        'run', ["cannot read 'four' as an integer for batch_size"]),
+    'mistyped boolean': (
+        lambda d, o, t, m: ('sophiag', resume(d, o) + ['--compile=maybe']),
+        'run', ['compile', 'a boolean']),
+    'Sophia key given to AdamW': (
+        lambda d, o, t, m: ('adamw', resume(d, o, sophia=False) + ['--rho=0.05']),
+        'run', ["'rho' is not a config key"]),
+    'no gradient accumulation': (
+        lambda d, o, t, m: ('sophiag', resume(d, o) + ['--gradient_accumulation_steps=0']),
+        'run', ['gradient_accumulation_steps=0', 'must be > 0']),
+    'block longer than the data': (
+        lambda d, o, t, m: ('sophiag', resume(d, o) + ['--block_size=100000']),
+        'run', ['too few for block_size=100000']),
+    'world size does not divide the accumulation': (
+        lambda d, o, t, m: (m.setenv('WORLD_SIZE', '2'), m.setenv('RANK', '0'),
+                            ('sophiag', resume(d, o) + ['--gradient_accumulation_steps=3']))[-1],
+        'run', ['gradient_accumulation_steps=3', 'not divisible by the world size 2']),
+    'missing data': (
+        lambda d, o, t, m: ('sophiag', resume(os.path.join(t, 'nowhere'), o)),
+        'run', [os.path.join('nowhere', 'train.bin'), 'missing or empty']),
+    'empty data': (
+        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'empty'), 'empty'), o)),
+        'run', [os.path.join('empty', 'train.bin'), 'missing or empty']),
+    'token ids beyond the vocabulary (resume)': (
+        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'foreign'), 'foreign'), o)),
+        'run', ['token id', "the model's vocab_size"]),
+    'token ids beyond the vocabulary (new run)': (
+        lambda d, o, t, m: ('sophiag', tiny_args(damaged_dataset(d, os.path.join(t, 'small'), 'small'), o)),
+        'fresh', ['token id', "the model's vocab_size 10"]),
+    'checkpoint of another model shape': (
+        lambda d, o, t, m: ('sophiag', resume(d, o, n_layer=3)),
+        'run', ['another model shape', 'n_layer=3 (checkpoint: 2)']),
+    'checkpoint of another optimizer': (
+        lambda d, o, t, m: ('adamw', resume(d, o, sophia=False)),
+        'run', ['trained with sophiag, not adamw', 'train_sophiag.py']),
+    'out_dir not writable': (
+        lambda d, o, t, m: ('sophiag', tiny_args(d, os.path.join(o, 'metrics.jsonl', 'run'))),
+        'run', ['is not writable', 'choose another --out_dir']),
+    'out_dir holds another run': (
+        lambda d, o, t, m: ('sophiag', tiny_args(d, o)),
+        'run', ['already holds a run', '--init_from=resume']),
+    'nothing to resume': (
+        lambda d, o, t, m: ('sophiag', resume(d, o)),
+        'fresh', ['holds no checkpoint', '--init_from=scratch']),
+    'unknown init_from': (
+        lambda d, o, t, m: ('sophiag', tiny_args(d, o, init_from='gpt3')),
+        'run', ["init_from='gpt3'", 'expected scratch, resume']),
+    'missing config file': (
+        lambda d, o, t, m: ('sophiag', [os.path.join(t, 'nope.py')] + resume(d, o)),
+        'run', ['nope.py not found']),
+    'device=cuda without CUDA': (
+        lambda d, o, t, m: ('sophiag', resume(d, o, device='cuda')),
+        'run', ["device='cuda' but CUDA is not available", '--device=cpu']),
+    'dtype=bfloat16 on a GPU without it': (
+        lambda d, o, t, m: (fake_gpu_without_bfloat16(m),
+                            ('sophiag', resume(d, o, device='cuda', dtype='bfloat16')))[-1],
+        'run', ["dtype='bfloat16' is not supported on Tesla V100", '--dtype=float16']),
+}
+
+def snapshot(folder):
+    """Every file under folder with its bytes."""
+    found = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            with open(path, 'rb') as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, dataset, finished_run, monkeypatch, capsys, case):
+    if case == 'device=cuda without CUDA' and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    call, out_dir_kind, expected = BAD_INPUTS[case]
+    out = str(tmp_path / 'out')
+    if out_dir_kind == 'run':
+        shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    optimizer, args = call(dataset, out, str(tmp_path), monkeypatch)
+    status, _, err = call_main(capsys, args, optimizer)
+    assert status == 2, err[-3000:]
+    assert 'Traceback' not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), err[-3000:]
+    for fragment in expected:
+        assert fragment in lines[0]
+    assert snapshot(out) == before  # byte for byte; a new run leaves nothing that blocks a retry
+
+def test_the_script_itself_prints_only_the_line(tmp_path, dataset):
+    """The same through the real script in a subprocess: stderr is the one line, nothing more."""
+    args = tiny_args(dataset, str(tmp_path / 'out'), sophia=False) + ['--hess_interval=3']
+    result = run_script('train_adam.py', args)
+    assert result.returncode == 2
+    assert result.stderr == ("error: argument '--hess_interval=3': 'hess_interval' is not a config key "
+                             "(did you mean 'eval_interval'?)\n")

@@ -1,0 +1,424 @@
+"""SophiaG: reference vs formula, fast paths vs reference, official state dicts, estimators, errors."""
+
+import copy
+import io
+import math
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sophia  # noqa: E402
+from sophia import SophiaG, hutchinson_hessian, sampled_label_loss  # noqa: E402
+
+# Tolerances for fast path vs reference. The fast paths perform the reference's ops in its order
+# with its roundings, so in fp32 they agree bit for bit on this machine; the tolerance leaves room
+# for a CPU or GPU that fuses multiply-adds differently (a few ulps). In bf16 ATen rounds some
+# scalars in ways the fused kernel reproduces only approximately: a handful of elements end up one
+# bf16 rounding (2^-8 relative) apart, and the difference carries through the following steps.
+TOLERANCE = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-3)}
+
+
+@pytest.fixture(scope="module")
+def fused_cpu():
+    """Build (or load from the cache) the fused CPU kernel once; skip where there is no compiler."""
+    kernels = sophia._fused_kernels("cpu")
+    if isinstance(kernels, str):
+        pytest.skip(kernels)
+    return kernels
+
+
+def make_params(dtype, device="cpu"):
+    """Tensors covering the cases: matrices, a vector, a zero-size tensor, a frozen one."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(9, 7), (7,), (0, 3), (300,), (5, 5)]
+    params = [torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    params[4].requires_grad_(False)  # frozen: never has a gradient
+    return params
+
+
+def run_trajectory(dtype, maximize, steps=8, device="cpu", **flags):
+    """Two param groups with different lr/rho/wd, GNB and Hutchinson-style (signed) Hessian updates,
+    a step where one gradient is None. Returns params and state after every step."""
+    params = make_params(dtype, device)
+    groups = [dict(params=params[:2], lr=0.02, rho=0.05, weight_decay=0.2),
+              dict(params=params[2:], lr=0.005, rho=0.01, weight_decay=0.0)]
+    opt = SophiaG(groups, maximize=maximize, **flags)
+    g = torch.Generator().manual_seed(1)
+    history = []
+    for it in range(steps):
+        for p in params:
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=g).to(device=device, dtype=dtype)
+        if it == 3:
+            params[1].grad = None  # skipped this step: its state must stay as it is
+        if it % 2 == 1:
+            opt.update_hessian()
+        if it == 4:  # estimates of either sign, as Hutchinson gives; None skips the frozen param
+            estimates = [torch.randn(p.shape, generator=g).to(device=device, dtype=dtype) for p in params]
+            estimates[4] = None
+            opt.update_hessian(estimates)
+        opt.step(bs=50)
+        history.append([p.detach().clone() for p in params]
+                       + [opt.state[p][key].clone() for p in params if p in opt.state for key in ("exp_avg", "hessian")])
+    assert params[4] not in opt.state
+    return history
+
+
+def assert_same_trajectory(actual, expected, dtype):
+    for step_actual, step_expected in zip(actual, expected):
+        assert len(step_actual) == len(step_expected)
+        for a, e in zip(step_actual, step_expected):
+            torch.testing.assert_close(a, e, **TOLERANCE[dtype])
+
+
+def test_reference_matches_formula():
+    """Two steps with a Hessian update in between, against the formula written out in float64."""
+    theta = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.5])
+    g1 = torch.tensor([0.3, -0.1, 0.0, 2.0, -0.4])
+    g2 = torch.tensor([-0.2, 0.5, 0.1, 1.0, 0.3])
+    estimate = torch.tensor([0.5, -0.3, 0.2, 0.05, 1.0])  # a negative entry: h+ = 0 there
+    lr, b1, b2, rho, wd, bs = 0.1, 0.9, 0.8, 0.5, 0.1, 4
+    p = theta.clone().requires_grad_()
+    opt = SophiaG([p], lr=lr, betas=(b1, b2), rho=rho, weight_decay=wd, foreach=False)
+    p.grad = g1.clone()
+    opt.step(bs=bs)
+    opt.update_hessian([estimate])
+    p.grad = g2.clone()
+    opt.step(bs=bs)
+
+    t, m, h = theta.double(), torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    for grad, h_after in ((g1, None), (g2, (1 - b2) * estimate.double())):
+        if h_after is not None:
+            h = b2 * h + h_after
+        t = t * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * grad.double()
+        t = t - lr * torch.clamp(m / (rho * bs * h.clamp(min=0) + 1e-15), -1, 1)
+    torch.testing.assert_close(p.detach().double(), t, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.state[p]["exp_avg"].double(), m, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.state[p]["hessian"].double(), h, rtol=1e-6, atol=1e-7)
+    assert opt.state[p]["step"].item() == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("flags", [dict(foreach=True), dict(fused=True)], ids=["foreach", "fused"])
+def test_fast_paths_match_reference(fused_cpu, flags, dtype, maximize):
+    expected = run_trajectory(dtype, maximize, foreach=False)
+    actual = run_trajectory(dtype, maximize, **flags)
+    assert_same_trajectory(actual, expected, dtype)
+    if dtype == torch.float32 and "foreach" in flags:  # same ATen kernels: bitwise
+        assert all(torch.equal(a, e) for sa, se in zip(actual, expected) for a, e in zip(sa, se))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("flags", [dict(foreach=True), dict(fused=True)], ids=["foreach", "fused"])
+def test_cuda_paths_match_cpu_reference(flags, dtype):
+    expected = run_trajectory(dtype, maximize=False, foreach=False)
+    actual = run_trajectory(dtype, maximize=False, device="cuda", **flags)
+    assert_same_trajectory([[t.cpu() for t in step] for step in actual], expected, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_is_fused_and_capturable_keeps_step_on_device():
+    p = torch.zeros(3, device="cuda", requires_grad=True)
+    opt = SophiaG([p], capturable=True)
+    assert opt._implementation(opt.param_groups[0], [p, p, p, p]) == "fused"
+    p.grad = torch.ones(3, device="cuda")
+    opt.step()
+    assert opt.state[p]["step"].device.type == "cuda"
+
+
+class OfficialSophiaG(torch.optim.Optimizer):
+    """The official algorithm as a plain per-parameter loop, with the official state layout."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1):
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay,
+                                      maximize=False, capturable=False))
+
+    def _state(self, p):
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["hessian"] = torch.zeros_like(p)
+        return state
+
+    @torch.no_grad()
+    def update_hessian(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    beta2 = group["betas"][1]
+                    self._state(p)["hessian"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+
+    @torch.no_grad()
+    def step(self, bs=5120):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state(p)
+                state["step"] += 1
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                state["exp_avg"].mul_(group["betas"][0]).add_(p.grad, alpha=1 - group["betas"][0])
+                ratio = (state["exp_avg"].abs() / (group["rho"] * bs * state["hessian"] + 1e-15)).clamp(None, 1)
+                p.addcmul_(state["exp_avg"].sign(), ratio, value=-group["lr"])
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def train_steps(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for it in range(steps):
+        x = torch.randn(16, 4, generator=g)
+        if it % 2 == 0:  # GNB Hessian update on sampled labels
+            model.zero_grad()
+            sampled_label_loss(model(x), generator=g).backward()
+            opt.update_hessian()
+        model.zero_grad()
+        F.cross_entropy(model(x), torch.randint(0, 3, (16,), generator=g)).backward()
+        opt.step(bs=16)
+
+
+@pytest.mark.parametrize("flags", [dict(foreach=False), dict()], ids=["reference", "default"])
+def test_official_state_dict_loads_and_continues(fused_cpu, flags):
+    official_model, model = tiny_model(), tiny_model()
+    official = OfficialSophiaG(official_model.parameters(), lr=0.01, rho=0.05)
+    train_steps(official_model, official, 3, seed=1)
+    model.load_state_dict(official_model.state_dict())
+    ours = SophiaG(model.parameters(), lr=0.01, rho=0.05, **flags)
+    ours.load_state_dict(copy.deepcopy(official.state_dict()))  # state_dict() shares the tensors
+    assert ours.param_groups[0]["fused"] is None and ours.param_groups[0]["foreach"] == flags.get("foreach")
+    train_steps(official_model, official, 4, seed=2)
+    train_steps(model, ours, 4, seed=2)
+    for a, b in zip(model.parameters(), official_model.parameters()):
+        assert torch.equal(a, b)  # fp32: every path agrees with the official ops bit for bit here
+    for p, q in zip(model.parameters(), official_model.parameters()):
+        for key in ("step", "exp_avg", "hessian"):
+            assert torch.equal(ours.state[p][key], official.state[q][key])
+
+
+def test_state_dict_round_trip_through_torch_save(fused_cpu):
+    model, resumed = tiny_model(), tiny_model()
+    opt = SophiaG(model.parameters(), lr=0.01, rho=0.05)
+    train_steps(model, opt, 3, seed=1)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = SophiaG(resumed.parameters())
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    assert resumed_opt.param_groups[0]["lr"] == 0.01
+    train_steps(model, opt, 4, seed=2)
+    train_steps(resumed, resumed_opt, 4, seed=2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_old_state_dict_with_float_step_loads():
+    p = torch.ones(3, requires_grad=True)
+    opt = SophiaG([p], foreach=False)
+    p.grad = torch.ones(3)
+    opt.step()
+    state_dict = opt.state_dict()
+    state_dict["state"][0]["step"] = 1.0  # a plain float, as very old checkpoints hold
+    for group in state_dict["param_groups"]:
+        del group["foreach"], group["fused"]
+    opt.load_state_dict(state_dict)
+    opt.step()
+    assert opt.state[p]["step"].item() == 2 and opt.param_groups[0]["fused"] is None
+
+
+def test_quadratic_converges(fused_cpu):
+    """f(x) = ½ Σ a_i x_i² with curvatures over four orders of magnitude; Hutchinson estimates."""
+    a = torch.logspace(-2, 2, 20)
+    x = torch.ones(20, requires_grad=True)
+    opt = SophiaG([x], lr=0.2, betas=(0.9, 0.9), rho=1.0, weight_decay=0.0)
+    start = (0.5 * a * x.detach() ** 2).sum().item()
+    for it in range(150):
+        loss = (0.5 * a * x ** 2).sum()
+        if it % 5 == 0:
+            opt.update_hessian(hutchinson_hessian(loss, [x]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step(bs=1)
+    assert (0.5 * a * x.detach() ** 2).sum().item() < 1e-3 * start
+    # the curvature scaling moves every coordinate alike, whatever its a_i (plain SGD would not)
+    assert x.detach().abs().max() < 0.1
+
+
+def test_mlp_trains(fused_cpu):
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] * x[:, 1] > 0).long() + (x[:, 2] > 1).long()  # 3 classes, not linearly separable
+    model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    opt = SophiaG(model.parameters(), lr=0.02, rho=0.05, weight_decay=0.0)
+    start = F.cross_entropy(model(x), y).item()
+    for it in range(300):
+        if it % 10 == 0:
+            model.zero_grad()
+            sampled_label_loss(model(x)).backward()
+            opt.update_hessian()
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(bs=len(x))
+    assert F.cross_entropy(model(x), y).item() < 0.3 * start
+
+
+def assert_unbiased(samples, exact, sigmas=5.0):
+    """The sample mean is within `sigmas` standard errors (from the samples' own spread) of exact."""
+    samples = torch.stack(samples).double()
+    mean, stderr = samples.mean(0), samples.std(0) / math.sqrt(len(samples))
+    assert torch.all((mean - exact).abs() <= sigmas * stderr + 1e-9), (mean, exact, stderr)
+    assert torch.all(stderr < 0.2 * exact.abs().max())  # enough samples that a wrong scale would show
+
+
+def test_gnb_estimate_is_gauss_newton_diagonal():
+    """Softmax regression: diag GN of the mean CE over B rows is mean_n p_nc (1 - p_nc) x_nd²;
+    B ĝ ⊙ ĝ with ĝ from sampled_label_loss has that expectation."""
+    g = torch.Generator().manual_seed(0)
+    B, D, C = 6, 3, 4
+    x, w = torch.randn(B, D, generator=g), torch.randn(C, D, generator=g, requires_grad=True)
+    probs = torch.softmax(x @ w.detach().T, dim=-1)
+    exact = torch.einsum("nc,nd->cd", probs * (1 - probs), x ** 2).double() / B
+    samples = []
+    for _ in range(2000):
+        (grad,) = torch.autograd.grad(sampled_label_loss((x @ w.T).view(2, 3, C), generator=g), [w])
+        samples.append(B * grad * grad)
+    assert_unbiased(samples, exact)
+
+
+def test_sampled_label_loss_follows_the_model():
+    logits = torch.tensor([[0.0, -1e4, -1e4], [-1e4, -1e4, 0.0]], requires_grad=True)
+    loss = sampled_label_loss(logits)  # the only likely labels are 0 and 2
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.tensor([0, 2])))
+    loss.backward()
+    assert logits.grad.abs().max() < 1e-6  # the model already predicts its own labels
+
+
+def test_hutchinson_estimate_is_hessian_diagonal():
+    """A tanh network (indefinite Hessian): the mean of u ⊙ (H u) approaches diag(H)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, generator=g)
+    w1, w2 = torch.randn(4, 3, generator=g, requires_grad=True), torch.randn(4, generator=g, requires_grad=True)
+    unused = torch.randn(2, requires_grad=True)
+
+    def loss_fn(w1, w2):
+        return ((torch.tanh(x @ w1.T) @ w2 - y) ** 2).mean()
+
+    hessian = torch.autograd.functional.hessian(loss_fn, (w1.detach(), w2.detach()))
+    exact_w1 = torch.diagonal(hessian[0][0].reshape(12, 12)).reshape(4, 3).double()
+    exact_w2 = torch.diagonal(hessian[1][1]).double()
+    assert (exact_w1 < 0).any() and (exact_w1 > 0).any()  # indefinite: Hutchinson must keep the sign
+    samples = [hutchinson_hessian(loss_fn(w1, w2), [w1, w2, unused], generator=g) for _ in range(2000)]
+    assert all(torch.equal(s[2], torch.zeros(2)) for s in samples)  # not in the graph: zeros
+    assert_unbiased([s[0] for s in samples], exact_w1)
+    assert_unbiased([s[1] for s in samples], exact_w2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+    (dict(betas=(1.0, 0.99)), "Invalid beta parameter at index 0: 1.0"),
+    (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+    (dict(rho=-1.0), "Invalid rho value: -1.0"),
+    (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+    (dict(foreach=True, fused=True), "fused=True and foreach=True"),
+])
+def test_invalid_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SophiaG([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_bad_inputs_at_step_time():
+    p = torch.zeros(4, requires_grad=True)
+    opt = SophiaG([p])
+    p.grad = torch.zeros(4)
+    with pytest.raises(ValueError, match="Invalid bs value: 0"):
+        opt.step(bs=0)
+    with pytest.raises(ValueError, match="hessian_estimates has 2 entries but the optimizer has 1"):
+        opt.update_hessian([torch.zeros(4), torch.zeros(4)])
+    with pytest.raises(ValueError, match="diagnostics"):
+        opt.diagnostics()
+    p.grad = torch.zeros(4).to_sparse()
+    with pytest.raises(RuntimeError, match="SophiaG does not support sparse gradients"):
+        opt.step()
+
+
+def test_update_hessian_before_step_creates_state():
+    p = torch.ones(3, requires_grad=True)
+    opt = SophiaG([p], betas=(0.9, 0.5), foreach=False)
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    opt.update_hessian()
+    assert opt.state[p]["step"].item() == 0
+    torch.testing.assert_close(opt.state[p]["hessian"], torch.tensor([0.5, 2.0, 4.5]))
+    assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(3))
+
+
+def test_lr_schedule_on_fused_path_matches_reference_without_recompiling(fused_cpu, monkeypatch):
+    compiles = []
+    monkeypatch.setattr(sophia.subprocess, "run", lambda *args, **kwargs: compiles.append(args))
+    results = []
+    for flags in (dict(foreach=False), dict(fused=True)):
+        p = torch.linspace(-1, 1, 1000).requires_grad_()
+        opt = SophiaG([p], lr=1e-3, rho=0.05, **flags)
+        g = torch.Generator().manual_seed(0)
+        for it in range(6):
+            opt.param_groups[0]["lr"] = 1e-3 * (it + 1) / 6  # warmup
+            p.grad = torch.randn(1000, generator=g)
+            if it % 2 == 0:
+                opt.update_hessian()
+            opt.step(bs=10)
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1]) and not compiles
+
+
+def test_default_falls_back_to_foreach_with_one_warning_without_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(sophia, "_kernels", {})
+    monkeypatch.setattr(sophia, "_warned_fallback", set())
+    p = torch.ones(5, requires_grad=True)
+    opt = SophiaG([p])
+    p.grad = torch.ones(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        opt.step()
+    assert len(caught) == 1 and "no-such-compiler" in str(caught[0].message)
+    assert opt._implementation(opt.param_groups[0], [p, p.grad, p, p]) == "foreach"
+    with pytest.raises(RuntimeError, match="fused kernel unavailable on cpu"):
+        SophiaG([p], fused=True).step()
+
+
+def test_diagnostics_on_device_match_direct_computation():
+    params = make_params(torch.float32)[:4]
+    opt = SophiaG([dict(params=params[:2], rho=0.05), dict(params=params[2:], rho=0.5)])
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.update_hessian()
+        opt.step(bs=7)
+    stats = opt.diagnostics()
+    assert all(v.dim() == 0 and v.device == params[0].device for v in stats.values())
+    hessians = [opt.state[p]["hessian"] for p in params]
+    avgs = [opt.state[p]["exp_avg"] for p in params]
+    rhos = [0.05, 0.05, 0.5, 0.5]
+    not_clipped = sum(int((m.abs() < rho * 7 * h).sum()) for m, h, rho in zip(avgs, hessians, rhos))
+    total = sum(m.numel() for m in avgs)
+    torch.testing.assert_close(stats["win_rate"].item(), not_clipped / total)
+    assert 0 < not_clipped < total
+    flat_h, flat_m = torch.cat([h.flatten() for h in hessians]), torch.cat([m.flatten() for m in avgs])
+    torch.testing.assert_close(stats["hessian_norm"], flat_h.abs().sum())
+    torch.testing.assert_close(stats["hessian_norm2"], flat_h.norm())
+    torch.testing.assert_close(stats["momentum_norm"], flat_m.norm())
