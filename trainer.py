@@ -276,13 +276,15 @@ def forward_loss(model, X, Y, autocast):
 @torch.no_grad()
 def estimate_loss(model, config, paths, vocab_size, autocast, rank, world_size, device):
     """Mean loss over the same `eval_iters` batches of each split every time (split across the
-    processes), so successive estimates and different runs are measured on identical data."""
+    processes), so successive estimates and different runs, whatever their seed, are measured on
+    identical data."""
     out = {}
     model.eval()
     for split_id, split in enumerate(('train', 'val')):
         total = torch.zeros((), device=device)
         for k in range(rank, config['eval_iters'], world_size):
-            X, Y = get_batch(paths[split], config['seed'], EVAL_STREAM, 2 * k + split_id,
+            # seed 0, not config['seed']: runs with different seeds are evaluated on the same text
+            X, Y = get_batch(paths[split], 0, EVAL_STREAM, 2 * k + split_id,
                              config['batch_size'], config['block_size'], vocab_size, device,
                              config['dataset'])
             total += forward_loss(model, X, Y, autocast).float()
