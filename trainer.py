@@ -188,8 +188,11 @@ def check_token_ids(paths, vocab_size, dataset):
     for path in paths.values():
         largest = int(np.memmap(path, dtype=np.uint16, mode='r')[:1 << 24].max())
         if largest >= vocab_size:
-            raise UserError(f"{path} holds token id {largest} >= the model's vocab_size {vocab_size}; "
-                            f"the data was prepared for another vocabulary: {prepare_command(dataset)}")
+            raise token_id_error(path, largest, vocab_size, dataset)
+
+def token_id_error(path, largest, vocab_size, dataset):
+    return UserError(f"{path} holds token id {largest} >= the model's vocab_size {vocab_size}; "
+                     f"the data was prepared for another vocabulary: {prepare_command(dataset)}")
 
 def get_batch(path, seed, stream, index, batch_size, block_size, vocab_size, device, dataset):
     """Micro-batch `index` of a random stream: `batch_size` random windows of the token file."""
@@ -199,8 +202,7 @@ def get_batch(path, seed, stream, index, batch_size, block_size, vocab_size, dev
     ix = rng.integers(0, len(data) - block_size, size=batch_size)
     xy = np.stack([data[i:i + 1 + block_size] for i in ix]).astype(np.int64)  # (B, T+1)
     if xy.max() >= vocab_size:  # on the host, before the copy: costs no device sync
-        raise UserError(f"{path} holds token id {xy.max()} >= the model's vocab_size {vocab_size}; "
-                        f"the data was prepared for another vocabulary: {prepare_command(dataset)}")
+        raise token_id_error(path, xy.max(), vocab_size, dataset)
     xy = torch.from_numpy(xy)
     if device.startswith('cuda'):
         xy = xy.pin_memory().to(device, non_blocking=True)  # async copy, overlaps the compute

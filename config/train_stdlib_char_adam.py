@@ -22,11 +22,11 @@ dropout = 0.0
 learning_rate = 2e-3
 weight_decay = 0.1
 min_lr = 2e-4
-max_iters = 2000
-lr_decay_iters = 2000
+max_iters = 1000
+lr_decay_iters = 1000
 warmup_iters = 100
 
-eval_interval = 250
+eval_interval = 200
 eval_iters = 20
 log_interval = 50
 checkpoint_interval = 500
