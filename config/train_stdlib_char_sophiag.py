@@ -19,11 +19,12 @@ n_head = 4
 n_embd = 128
 dropout = 0.0
 
-learning_rate = 2e-3
+# study.py found Sophia-G's best learning rate on this corpus far below AdamW's (README)
+learning_rate = 3e-4
 weight_decay = 0.2
 rho = 0.05
 hess_interval = 10
-min_lr = 2e-4
+min_lr = 3e-5
 max_iters = 1000
 lr_decay_iters = 1000
 warmup_iters = 100
