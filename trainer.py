@@ -683,7 +683,7 @@ def main(optimizer_name, defaults, argv):
     stop_flag.install()
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     master = int(os.environ.get('RANK', 0)) == 0
-    status = 0
+    status, stopped = 0, False
     try:
         config, sources = parse_args(defaults, argv)
         check_config(config, sources, world_size)
@@ -693,7 +693,8 @@ def main(optimizer_name, defaults, argv):
         if master:  # every process finds the same mistake: say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
         status = 2
-    except TrainingStopped as e:
+    except TrainingStopped as e:  # every process stops at the same agreed iteration
+        stopped = True
         if master:
             print(e, file=sys.stderr, flush=True)
         status = e.status
@@ -706,6 +707,15 @@ def main(optimizer_name, defaults, argv):
               f"resume with --init_from=resume", file=sys.stderr, flush=True)
     finally:
         if dist.is_available() and dist.is_initialized():
-            if status == 0:
+            if status == 0 or stopped:
+                # tear down together: a process leaving while process 0 still writes the final
+                # checkpoint can abort inside gloo ("terminate called without an active exception")
+                dist.barrier()
                 dist.destroy_process_group()
+            else:
+                # a process group with a dead or hung peer cannot be torn down: gloo's threads
+                # would abort the interpreter's exit (SIGABRT instead of this status). Leave now.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
     sys.exit(status)
