@@ -249,8 +249,8 @@ class OptimizerBench:
                                 / self.config['hess_interval'])
         row['ms_per_iter'] = ms_per_iter
         row['tokens_per_s'] = tokens_per_iter / (ms_per_iter / 1000)
-        row['mfu'] = (self.raw_model.flops_per_token() * tokens_computed / (ms_per_iter / 1000) / peak_flops
-                      if peak_flops else None)
+        row['mfu'] = self.raw_model.estimate_mfu(tokens_computed / self.raw_model.config.block_size,
+                                                 ms_per_iter / 1000, peak_flops)
         return row
 
     def profile(self, out_dir, device):
@@ -286,7 +286,7 @@ def bench(config, names):
     """The in-process benchmark; prints the table and returns its rows."""
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         raise trainer.UserError("bench.py runs in one process; start it with python, not torchrun")
-    _, _, _, device = trainer.setup_distributed(config)
+    _, _, device = trainer.setup_distributed(config)
     if device.startswith('cuda'):  # TF32 for float32 matmuls, as the training loop sets it
         torch.backends.cuda.matmul.fp32_precision = 'tf32'
         torch.backends.cudnn.conv.fp32_precision = 'tf32'

@@ -106,8 +106,8 @@ def default_config():
 # setup
 
 def setup_distributed(config):
-    """Process group from torchrun's environment, or a single process. Returns (rank, local_rank,
-    world_size, device)."""
+    """Process group from torchrun's environment, or a single process. Returns (rank, world_size,
+    device)."""
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
@@ -131,7 +131,7 @@ def setup_distributed(config):
         backend = 'nccl' if device.startswith('cuda') else 'gloo'
         dist.init_process_group(backend, timeout=timedelta(seconds=config['ddp_timeout']),
                                 device_id=torch.device(device) if backend == 'nccl' else None)
-    return rank, local_rank, world_size, device
+    return rank, world_size, device
 
 def prepare_out_dir(out_dir, resuming, master):
     """out_dir must be writable, and must not hold another run unless we resume it."""
@@ -394,7 +394,7 @@ def gather_rng_states(world_size, device):
 # -----------------------------------------------------------------------------
 # the run
 
-def train(optimizer_name, config, sources, rank, local_rank, world_size, device, stop_flag):
+def train(optimizer_name, config, sources, rank, world_size, device, stop_flag):
     master = rank == 0
     is_sophia = optimizer_name == 'sophiag'
     out_dir = config['out_dir']
@@ -519,6 +519,7 @@ def train(optimizer_name, config, sources, rank, local_rank, world_size, device,
     last_log_time, iters_since_log = time.time(), 0
     params = [p for p in raw_model.parameters()]
     stop_agreed = False  # a signal reached some process, and all processes know it
+    flags = torch.zeros(2, device=device)  # (non-finite step, stop requested), all-reduced each iteration
     while True:
         # evaluate and save at the top of the iteration: the state is that after iter_num steps
         is_best = False
@@ -572,7 +573,8 @@ def train(optimizer_name, config, sources, rank, local_rank, world_size, device,
         bad = ~torch.isfinite(iteration_loss)
         if not scaler.is_enabled():  # under fp16 an inf gradient is the GradScaler's to handle
             bad |= ~torch.isfinite(grad_norm)
-        flags = torch.stack([bad.float(), torch.tensor(float(stop_flag.signum > 0), device=device)])
+        flags[0] = bad  # written in place: no new tensor or host-to-device copy per iteration
+        flags[1] = float(stop_flag.signum > 0)
         if world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, stop_agreed = flags.tolist()  # every process acts on the same agreed flags
@@ -640,7 +642,7 @@ def train(optimizer_name, config, sources, rank, local_rank, world_size, device,
             last_log_time, iters_since_log = now, 0
             if master:
                 passes = tokens_per_iter + (hessian_tokens / config['hess_interval'] if is_sophia else 0)
-                mfu = raw_model.flops_per_token() * passes / dt / peak if peak else None
+                mfu = raw_model.estimate_mfu(passes / model_args['block_size'], dt, peak)
                 loss = read['loss_sum'] / world_size / steps_in_interval if steps_in_interval else math.nan
                 row = {'kind': 'train', 'iter': iter_num, 'tokens': iter_num * tokens_per_iter,
                        'time': train_time, 'loss': loss, 'lr': lr, 'ms_per_iter': dt * 1000,
@@ -687,8 +689,8 @@ def main(optimizer_name, defaults, argv):
     try:
         config, sources = parse_args(defaults, argv)
         check_config(config, sources, world_size)
-        rank, local_rank, world_size, device = setup_distributed(config)
-        train(optimizer_name, config, sources, rank, local_rank, world_size, device, stop_flag)
+        rank, world_size, device = setup_distributed(config)
+        train(optimizer_name, config, sources, rank, world_size, device, stop_flag)
     except (ConfigError, UserError) as e:
         if master:  # every process finds the same mistake: say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
