@@ -296,14 +296,15 @@ def bench(config, names):
                 dataset_vocab, paths = trainer.open_dataset(config['dataset'], config['block_size'])
             except trainer.UserError as e:
                 raise trainer.UserError(f"{e}; or benchmark on random tokens with --real_data=False")
-            vocab_size, dataset = dataset_vocab or 50304, config['dataset']
+            dataset = config['dataset']
         else:
             random_token_files(scratch, config['synthetic_vocab_size'], config['block_size'], config['seed'])
             _, paths = trainer.open_dataset(scratch, config['block_size'])
-            vocab_size, dataset = config['synthetic_vocab_size'], scratch
+            dataset_vocab, dataset = config['synthetic_vocab_size'], scratch
 
         torch.manual_seed(config['seed'])
-        model, _ = trainer.build_model(config, vocab_size, None, True)
+        model, model_args = trainer.build_model(config, dataset_vocab, None, True)
+        vocab_size = model_args['vocab_size']
         benches = [OptimizerBench(name, model, config, device, paths, vocab_size, dataset) for name in names]
         del model
         tokens_per_iter = config['gradient_accumulation_steps'] * config['batch_size'] * config['block_size']
@@ -378,12 +379,16 @@ def run_program(command, cwd):
     return result.stdout
 
 def metrics_throughput(out_dir, skip_rows, tokens_per_iter):
-    """tokens/s over the train rows of metrics.jsonl after the first skip_rows: the mean ms/iter of
-    the rows (each covers log_interval iterations, so this is total time over total iterations)."""
+    """(tokens/s, MFU) over the train rows of metrics.jsonl after the first skip_rows: the mean
+    ms/iter of the rows (each covers log_interval iterations, so this is total time over total
+    iterations), and their MFU weighted by time (total model FLOPs over total time; None where the
+    script knew no peak)."""
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f]
-    kept = [row['ms_per_iter'] for row in rows if row['kind'] == 'train'][skip_rows:]
-    return tokens_per_iter / (sum(kept) / len(kept) / 1000)
+    kept = [row for row in rows if row['kind'] == 'train'][skip_rows:]
+    ms = sum(row['ms_per_iter'] for row in kept)
+    mfu = None if kept[0]['mfu'] is None else sum(row['mfu'] * row['ms_per_iter'] for row in kept) / ms
+    return tokens_per_iter / (ms / len(kept) / 1000), mfu
 
 def nanogpt_throughput(stdout, skip_iters, tokens_per_iter):
     """tokens/s from nanoGPT's "iter N: loss L, time T ms, ..." lines, from iteration skip_iters on."""
@@ -416,6 +421,7 @@ def end_to_end(config, names):
     if config['nanogpt'] and config['device'] == 'cpu' and config['dtype'] != 'float32':
         print(f"note: nanoGPT does not autocast on a CPU: it runs float32, the scripts {config['dtype']}")
     measured = {label: [] for label, _ in programs}
+    mfus = {}  # MFU per round as the scripts logged it (the Hessian pass's forward+backward counted)
     commands = {}
     with tempfile.TemporaryDirectory(prefix='bench-e2e-') as scratch:
         for round_index in range(config['bench_rounds']):
@@ -428,13 +434,17 @@ def end_to_end(config, names):
                     command = [sys.executable, 'train.py'] + nanogpt_overrides(config, run)
                     stdout = run_program(command, config['nanogpt'])
                     tokens_per_s = nanogpt_throughput(stdout, skip_rows * log_interval, tokens_per_iter)
+                    mfu = None  # nanoGPT's own MFU counts differently; its tokens/s is what compares
                 else:
                     command = [sys.executable, OPTIMIZERS[kind]] + script_overrides(config, defaults[kind], run)
                     run_program(command, trainer.REPO)
-                    tokens_per_s = metrics_throughput(out_dir, skip_rows, tokens_per_iter)
+                    tokens_per_s, mfu = metrics_throughput(out_dir, skip_rows, tokens_per_iter)
+                    if mfu is not None:
+                        mfus.setdefault(label, []).append(mfu)
                 measured[label].append(tokens_per_s)
                 commands[label] = ' '.join(command[1:]).replace(out_dir, 'OUT_DIR')
-                print(f"round {round_index + 1}: {label}: {tokens_per_s:,.0f} tokens/s", flush=True)
+                print(f"round {round_index + 1}: {label}: {tokens_per_s:,.0f} tokens/s"
+                      + (f", MFU {mfu:.1%}" if mfu is not None else ''), flush=True)
 
     # the mean over rounds of time per token, as tokens/s
     mean = {label: len(values) / sum(1 / v for v in values) for label, values in measured.items()}
@@ -442,7 +452,8 @@ def end_to_end(config, names):
     print('\n' + f"{'program':<{width}}  " + '  '.join(f"{f'round {i + 1}':>10}" for i in range(config['bench_rounds']))
           + f"  {'mean':>10}")
     for label, values in measured.items():
-        print(f"{label:<{width}}  " + '  '.join(f"{v:>10,.0f}" for v in values) + f"  {mean[label]:>10,.0f}")
+        print(f"{label:<{width}}  " + '  '.join(f"{v:>10,.0f}" for v in values) + f"  {mean[label]:>10,.0f}"
+              + (f"  MFU {statistics.mean(mfus[label]):.1%}" if label in mfus else ''))
     sophia, adam = OPTIMIZERS['sophiag'], OPTIMIZERS['adamw']
     if sophia in measured and adam in measured:
         ratios = [s / a for s, a in zip(measured[sophia], measured[adam])]

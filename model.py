@@ -94,6 +94,17 @@ class GPTConfig:
     bias: bool = True # biases in every Linear and LayerNorm as GPT-2 had; the official Sophia runs drop them
     scale_attn_by_inverse_layer_idx: bool = False # True: layer i's attention logits also scaled by 1/(i+1)
 
+def sample_from_logits(logits):
+    """ one index per row of logits (..., V), drawn from softmax(logits), by the Gumbel-max trick:
+    argmax(logits + G) with G = -log(-log(U)), U uniform in [0, 1), is distributed as
+    softmax(logits). Needs no softmax, and under torch.compile the noise is generated inside the
+    fused argmax kernel: one read of the logits, where softmax + torch.multinomial write and read
+    several float32 copies of them. Uses the global RNG (seed it for reproducible draws); no
+    gradient flows through the draw. In float32, U <= 1 - 2**-24 caps G at 16.6, so an index more
+    than ~17 nats below the largest logit (probability < 1e-7) is drawn slightly too rarely. """
+    u = torch.rand_like(logits, dtype=torch.float32)
+    return (logits.detach().float() - torch.log(-torch.log(u))).argmax(dim=-1)
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -138,7 +149,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, *, all_logits=False):
+    def forward(self, idx, targets=None, *, all_logits=False, sample_targets=False):
+        """ (logits, loss). targets (b, t) give the mean cross-entropy loss; sample_targets=True
+        draws them from the model's own softmax at every position instead (Sophia-G's Hessian
+        pass, see sample_from_logits); all_logits=True returns logits at every position without a
+        loss; otherwise only the last position's logits come back (generation). """
         b, t = idx.size()
         assert t <= self.config.block_size, \
             f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
@@ -151,13 +166,15 @@ class GPT(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
 
-        if targets is not None or all_logits:
+        if targets is not None or all_logits or sample_targets:
             # training, and the Hessian pass, which samples labels at every position
             logits = self.lm_head(x) # (b, t, vocab_size)
         else:
             # generation needs only the next token's logits: skip the (T-1) * vocab_size others
             logits = self.lm_head(x[:, [-1], :]) # (b, 1, vocab_size): the list [-1] keeps the time dim
         loss = None
+        if sample_targets:
+            targets = sample_from_logits(logits)
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss

@@ -181,6 +181,16 @@ def open_dataset(dataset, block_size):
             vocab_size = pickle.load(f)['vocab_size']
     return vocab_size, paths
 
+def model_vocab_size(dataset_vocab):
+    """The model's vocabulary for a dataset's (None: no meta.pkl, taken as GPT-2 BPE). A large
+    vocabulary is padded to a multiple of 64, GPT-2's 50257 to 50304 as in the official runs and
+    nanoGPT on OpenWebText: the lm_head matmul and the loss run much faster on a GPU with aligned
+    shapes. The padded ids never occur in the data and their logits learn to stay low. A small
+    (character) vocabulary is kept as it is: there the padding would buy nothing."""
+    if dataset_vocab is None:
+        return 50304
+    return -(-dataset_vocab // 64) * 64 if dataset_vocab >= 1024 else dataset_vocab
+
 def check_token_ids(paths, vocab_size, dataset):
     """Token ids at or beyond the model's vocabulary mean the data was prepared for another one.
     Checked on the first 16M tokens of each file before anything is written to out_dir (a full
@@ -229,12 +239,12 @@ def seed_of(*key):
 # -----------------------------------------------------------------------------
 # model and optimizer
 
-def build_model(config, vocab_size, resume_state, master):
-    """A GPT from scratch, from a checkpoint's model args, or from pretrained GPT-2 weights.
-    Returns (model, model_args)."""
+def build_model(config, dataset_vocab, resume_state, master):
+    """A GPT from scratch, from a checkpoint's model args, or from pretrained GPT-2 weights, for
+    a dataset of vocabulary dataset_vocab (None: no meta.pkl). Returns (model, model_args)."""
     from model import GPT, GPTConfig
     model_args = {key: config[key] for key in MODEL_KEYS if key != 'vocab_size'}
-    model_args['vocab_size'] = vocab_size
+    model_args['vocab_size'] = model_vocab_size(dataset_vocab)
     if resume_state is not None:
         # the config asks for the shape the checkpoint was trained with, or it is another model
         saved_config = resume_state['config']
@@ -251,8 +261,8 @@ def build_model(config, vocab_size, resume_state, master):
     else:
         model = GPT.from_pretrained(config['init_from'], dict(dropout=config['dropout']))
         model_args = {key: getattr(model.config, key) for key in MODEL_KEYS}
-        if vocab_size > model_args['vocab_size']:
-            raise UserError(f"dataset {config['dataset']} has vocab_size {vocab_size}, larger than "
+        if (dataset_vocab or 0) > model_args['vocab_size']:
+            raise UserError(f"dataset {config['dataset']} has vocab_size {dataset_vocab}, larger than "
                             f"{config['init_from']}'s {model_args['vocab_size']}; use a GPT-2 BPE dataset")
     if config['block_size'] < model_args['block_size']:
         model.crop_block_size(config['block_size'])  # e.g. GPT-2's 1024 cropped for a smaller run
@@ -296,22 +306,29 @@ def estimate_loss(model, config, paths, vocab_size, autocast, rank, world_size, 
     model.train()
     return out
 
+def sampled_loss(model, X, autocast):
+    """Mean cross-entropy against labels drawn from the model's own softmax at every position:
+    inside the model's forward, so torch.compile fuses the draw with the loss (model.py)."""
+    with autocast:
+        _, loss = model(X, sample_targets=True)
+    return loss
+
 def gnb_hessian_pass(model, raw_model, optimizer, scaler, config, micro_batches, micro_steps,
                      paths, vocab_size, autocast, device, world_size):
     """Sophia-G's Hessian pass: labels sampled from the model's softmax, backward, EMA of the
     squared gradient. Returns a 0-dim device tensor: 1 if the sampled gradient was finite and the
     EMA was updated, 0 if the pass was skipped."""
-    from sophia import sampled_label_loss
-    generator = torch.Generator(device=device)
+    rng_devices = [device] if device.startswith('cuda') else []
     for micro_step, index in enumerate(micro_batches):
         if world_size > 1:
             model.require_backward_grad_sync = micro_step == micro_steps - 1
         X, _ = get_batch(paths['train'], config['seed'], TRAIN_STREAM, index, config['batch_size'],
                          config['block_size'], vocab_size, device, config['dataset'])
-        generator.manual_seed(seed_of(config['seed'], HESSIAN_STREAM, index))
-        with autocast:
-            logits, _ = model(X, all_logits=True)
-            loss = sampled_label_loss(logits, generator=generator) / micro_steps
+        # the labels' draw is a function of (seed, micro-batch) alone, as the data: the global RNG
+        # is seeded for it and restored after, so dropout and the rest never see the difference
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed_of(config['seed'], HESSIAN_STREAM, index))
+            loss = sampled_loss(model, X, autocast) / micro_steps
         scaler.scale(loss).backward()
     grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
     if scaler.is_enabled():
@@ -430,8 +447,7 @@ def train(optimizer_name, config, sources, rank, world_size, device, stop_flag):
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[config['dtype']]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 
-    vocab_size = dataset_vocab or 50304  # 50304: GPT-2's 50257 padded to a multiple of 64
-    model, model_args = build_model(config, vocab_size, resume_state, master)
+    model, model_args = build_model(config, dataset_vocab, resume_state, master)
     model_vocab = model_args['vocab_size']
     check_token_ids(paths, model_vocab, config['dataset'])
     model.to(device)

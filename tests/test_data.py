@@ -218,6 +218,46 @@ def test_stdlib_char_selection_rules(tmp_path, capsys):
         assert "é" in pickle.load(f)["stoi"]
 
 
+def test_stdlib_bpe_has_the_files_and_split_of_stdlib_char(gpt2_ranks_file, tmp_path, monkeypatch):
+    # data/stdlib: the same fake tree as above, GPT-2 BPE per file, each file closed by EOT
+    monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
+    root = tmp_path / "lib"
+    names = [f"mod{i}.py" for i in range(60)] + ["test/test_x.py", "pkg/core.py"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"def f():\n    return {name!r}  # naïve\n" * 3)
+    (root / "mod1.py").write_text("x = 1")  # no final newline: one is added before the next header
+    load_script("stdlib_char").main(["--stdlib", str(root), "--out_dir", str(tmp_path / "char")])
+    result = check_ok(run_script("stdlib", "--stdlib", root, "--out_dir", tmp_path / "bpe"))
+    with open(tmp_path / "char" / "meta.pkl", "rb") as f:
+        char_meta = pickle.load(f)
+    with open(tmp_path / "bpe" / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    assert (meta["vocab_size"], meta["tokenizer"]) == (50257, "gpt2")
+    assert (meta["train_files"], meta["val_files"]) == (char_meta["train_files"], char_meta["val_files"])
+    enc = tokenizer.gpt2_encoding()
+    for split in ("train", "val"):
+        ids = read_bin(tmp_path / "bpe" / f"{split}.bin").tolist()
+        files = meta[f"{split}_files"]
+        assert ids.count(EOT) == len(files) and ids[-1] == EOT
+        expected = []
+        for name in files:
+            source = (root / name).read_text()
+            source += "" if source.endswith("\n") else "\n"
+            expected += enc.encode_ordinary(f"# file: {name}\n{source}") + [EOT]
+        assert ids == expected, split
+        assert f"{split} has {len(ids):,} tokens" in result.stdout
+    assert sorted(os.listdir(tmp_path / "bpe")) == ["meta.pkl", "train.bin", "val.bin"]
+
+
+def test_stdlib_bpe_without_ranks_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_RANKS_FILE", str(tmp_path / "missing.tiktoken"))
+    result = run_script("stdlib", "--out_dir", tmp_path / "out")
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: GPT2_RANKS_FILE=") and "cannot be read" in lines[0]
+
+
 # ----------------------------------------------------------------------------- openwebtext
 
 def make_documents(count=300):
@@ -383,7 +423,7 @@ def test_shakespeare_download_failure_is_one_line(tmp_path):
     assert os.listdir(tmp_path) == []  # no partial input.txt to be mistaken for the text later
 
 
-@pytest.mark.parametrize("name", ["stdlib_char", "openwebtext", "shakespeare_char", "shakespeare"])
+@pytest.mark.parametrize("name", ["stdlib_char", "stdlib", "openwebtext", "shakespeare_char", "shakespeare"])
 def test_prepare_help(name):
     result = check_ok(run_script(name, "--help"))
     assert "--out_dir" in result.stdout and "writes" in result.stdout.lower()

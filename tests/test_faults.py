@@ -28,7 +28,6 @@ from helpers import ROOT, check_ok, make_char_dataset, read_metrics, run_script,
 
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
-import sophia  # noqa: E402
 import trainer  # noqa: E402
 from train_adam import adam_defaults  # noqa: E402
 from train_sophiag import sophiag_defaults  # noqa: E402
@@ -401,7 +400,7 @@ def test_a_nan_loss_skips_the_update_and_touches_no_state(tmp_path, dataset, mon
     assert rows[4]['loss'] is None and rows[5]['loss'] is not None
 
 def test_a_nan_hessian_pass_leaves_the_hessian_untouched(tmp_path, dataset, monkeypatch, capsys):
-    poison(monkeypatch, sophia, 'sampled_label_loss', {2})  # the second pass (iteration 5), first micro-batch
+    poison(monkeypatch, trainer, 'sampled_loss', {2})  # the second pass (iteration 5), first micro-batch
     out = str(tmp_path / 'out')
     status, _, _ = call_main(capsys, tiny_args(dataset, out, **NAN_RUN))
     assert status == 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, device_peak_flops, peak_flops_for_name  # noqa: E402
+from model import GPT, GPTConfig, device_peak_flops, peak_flops_for_name, sample_from_logits  # noqa: E402
 
 TINY = dict(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -46,6 +46,41 @@ def test_forward_without_targets_and_all_logits():
     torch.testing.assert_close(full[:, -1:], last)
     with_targets, _ = model(idx, random_tokens(2, 10, seed=3))
     torch.testing.assert_close(with_targets, full)
+
+
+def test_sample_from_logits_follows_the_softmax():
+    """Gumbel-max draws: the frequencies over many rows match softmax(logits), within 5 standard
+    errors per category; a category 40 nats below the others is never drawn."""
+    logits = torch.tensor([2.0, 0.5, 0.0, -1.0, 1.0, -40.0])
+    n = 200_000
+    torch.manual_seed(0)
+    draws = sample_from_logits(logits.expand(n, -1))
+    assert draws.shape == (n,) and draws.dtype == torch.long
+    counts = torch.bincount(draws, minlength=6).double()
+    p = torch.softmax(logits.double(), dim=0)
+    assert counts[5] == 0
+    assert ((counts / n - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (counts / n, p)
+    # in bf16 the logits are upcast first: the same draw for the same noise
+    torch.manual_seed(1)
+    a = sample_from_logits(logits.bfloat16().expand(1000, -1))
+    torch.manual_seed(1)
+    b = sample_from_logits(logits.bfloat16().float().expand(1000, -1))
+    assert torch.equal(a, b)
+
+
+def test_sample_targets_is_the_loss_against_drawn_labels():
+    model = tiny_gpt()
+    idx = random_tokens(2, 10)
+    logits = model(idx, all_logits=True)[0]
+    torch.manual_seed(3)
+    sampled_logits, loss = model(idx, sample_targets=True)
+    torch.manual_seed(3)
+    labels = sample_from_logits(logits)
+    torch.testing.assert_close(sampled_logits, logits)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, TINY['vocab_size']),
+                                                                       labels.reshape(-1)))
+    loss.backward()  # a gradient flows through the logits, none through the draw
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_sequence_longer_than_block_size_is_refused():

@@ -11,6 +11,7 @@ import torch
 from helpers import ROOT, check_ok, make_char_dataset, read_metrics, run_script, tiny_args, train_losses
 
 sys.path.insert(0, ROOT)
+import trainer  # noqa: E402
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
@@ -135,3 +136,8 @@ def test_wandb_offline_writes_a_run_that_compare_reads(tmp_path, dataset):
     from_wandb, from_log = compare.load_run(runs[0]), compare.load_run(out)
     assert [r['val/loss'] for r in from_wandb.eval] == pytest.approx([r['val/loss'] for r in from_log.eval])
     shutil.rmtree(out)
+
+def test_model_vocabulary_pads_gpt2_bpe_only():
+    # GPT-2 BPE (or no meta.pkl) -> 50304 as the official runs; character vocabularies stay exact
+    assert trainer.model_vocab_size(None) == trainer.model_vocab_size(50257) == 50304
+    assert [trainer.model_vocab_size(v) for v in (65, 100, 1023, 1024, 1025, 50304)] == [65, 100, 1023, 1024, 1088, 50304]
