@@ -94,16 +94,29 @@ class GPTConfig:
     bias: bool = True # biases in every Linear and LayerNorm as GPT-2 had; the official Sophia runs drop them
     scale_attn_by_inverse_layer_idx: bool = False # True: layer i's attention logits also scaled by 1/(i+1)
 
+def _gumbel_argmax(z):
+    """ argmax(z + G) along the last dim, G standard Gumbel: an index drawn from softmax(z) """
+    u = torch.rand_like(z)
+    return (z - torch.log(-torch.log(u))).argmax(dim=-1)
+
 def sample_from_logits(logits):
-    """ one index per row of logits (..., V), drawn from softmax(logits), by the Gumbel-max trick:
-    argmax(logits + G) with G = -log(-log(U)), U uniform in [0, 1), is distributed as
-    softmax(logits). Needs no softmax, and under torch.compile the noise is generated inside the
-    fused argmax kernel: one read of the logits, where softmax + torch.multinomial write and read
-    several float32 copies of them. Uses the global RNG (seed it for reproducible draws); no
-    gradient flows through the draw. In float32, U <= 1 - 2**-24 caps G at 16.6, so an index more
-    than ~17 nats below the largest logit (probability < 1e-7) is drawn slightly too rarely. """
-    u = torch.rand_like(logits, dtype=torch.float32)
-    return (logits.detach().float() - torch.log(-torch.log(u))).argmax(dim=-1)
+    """ one index per row of logits (..., V), drawn from softmax(logits), in two exact stages:
+    the V entries are cut into V/c chunks of c (c: the smallest divisor of V >= sqrt(V)); a chunk
+    is drawn with probability proportional to exp(logsumexp of its logits), then an index within
+    it from the chunk's own softmax. Each draw is a Gumbel-max: argmax(z + G), G = -log(-log(U)),
+    U uniform in [0, 1), is distributed as softmax(z). The only full-size work is the chunks'
+    logsumexp, one read of the logits (fused into one kernel under torch.compile); random numbers
+    are needed for V/c + c entries per row instead of V, which on a GPU is what a draw over a
+    50,304-wide vocabulary costs (GPT-2's 50304 = 192 chunks of 262). Uses the global RNG (seed it
+    for reproducible draws); no gradient flows through the draw. In float32 U <= 1 - 2**-24 caps G
+    at 16.6, so an entry more than ~17 nats below the largest of its group (probability < 1e-7)
+    is drawn slightly too rarely. """
+    V = logits.size(-1)
+    c = next(d for d in range(math.isqrt(V - 1) + 1, V + 1) if V % d == 0)
+    chunks = logits.detach().float().reshape(-1, V // c, c)
+    chunk = _gumbel_argmax(torch.logsumexp(chunks, dim=-1)) # (N,) which chunk
+    within = chunks.gather(1, chunk.view(-1, 1, 1).expand(-1, 1, c)).squeeze(1) # (N, c) its logits
+    return (chunk * c + _gumbel_argmax(within)).view(logits.shape[:-1])
 
 class GPT(nn.Module):
 

@@ -48,19 +48,26 @@ def test_forward_without_targets_and_all_logits():
     torch.testing.assert_close(with_targets, full)
 
 
-def test_sample_from_logits_follows_the_softmax():
-    """Gumbel-max draws: the frequencies over many rows match softmax(logits), within 5 standard
-    errors per category; a category 40 nats below the others is never drawn."""
-    logits = torch.tensor([2.0, 0.5, 0.0, -1.0, 1.0, -40.0])
+@pytest.mark.parametrize('vocab', [6, 97, 100])  # 2 chunks of 3, one chunk (a prime), 10 of 10
+def test_sample_from_logits_follows_the_softmax(vocab):
+    """The frequencies over many rows match softmax(logits) within 5 standard errors per entry;
+    an entry 40 nats below the others is never drawn."""
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(vocab)) * 1.5
+    logits[vocab // 2] = -40.0
     n = 200_000
     torch.manual_seed(0)
     draws = sample_from_logits(logits.expand(n, -1))
     assert draws.shape == (n,) and draws.dtype == torch.long
-    counts = torch.bincount(draws, minlength=6).double()
+    counts = torch.bincount(draws, minlength=vocab).double()
+    assert len(counts) == vocab
     p = torch.softmax(logits.double(), dim=0)
-    assert counts[5] == 0
+    assert counts[vocab // 2] == 0
     assert ((counts / n - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (counts / n, p)
-    # in bf16 the logits are upcast first: the same draw for the same noise
+    # batch shapes are kept: (2, 3, V) -> (2, 3)
+    assert sample_from_logits(logits.expand(2, 3, -1)).shape == (2, 3)
+
+def test_sample_from_logits_upcasts_bf16():
+    logits = torch.tensor([2.0, 0.5, 0.0, -1.0, 1.0, -40.0])
     torch.manual_seed(1)
     a = sample_from_logits(logits.bfloat16().expand(1000, -1))
     torch.manual_seed(1)
