@@ -102,6 +102,13 @@ def check_bench_config(config, sources):
     if config['nanogpt']:
         if not config['end_to_end']:
             raise ConfigError(f"{show('nanogpt')}: nanoGPT is run end to end only; add --end_to_end=True")
+        # the same model: nanoGPT's GPT has the exact GELU and no per-layer attention scaling
+        if config['gelu'] != 'exact':
+            raise ConfigError(f"{show('gelu')}: nanoGPT's model uses the exact GELU; for the same model "
+                              f"add --gelu=exact")
+        if config['scale_attn_by_inverse_layer_idx']:
+            raise ConfigError(f"{show('scale_attn_by_inverse_layer_idx')}: nanoGPT has no such scaling; "
+                              f"compare with --scale_attn_by_inverse_layer_idx=False")
         missing = [name for name in ('train.py', 'model.py', 'configurator.py')
                    if not os.path.isfile(os.path.join(config['nanogpt'], name))]
         if missing:
@@ -403,8 +410,6 @@ def end_to_end(config, names):
     """Run the training scripts (and nanoGPT) side by side, bench_rounds times; print tokens/s."""
     from train_adam import adam_defaults
     trainer.open_dataset(config['dataset'], config['block_size'])  # the scripts need real data
-    if config['nanogpt'] and config['scale_attn_by_inverse_layer_idx']:
-        raise trainer.UserError("nanoGPT has no scale_attn_by_inverse_layer_idx; compare with it set to False")
     if config['nanogpt'] and config['init_from'] != 'scratch':
         raise trainer.UserError(f"the nanoGPT comparison starts from scratch; drop --init_from={config['init_from']}")
     log_interval = config['hess_interval']  # every log row holds exactly one Hessian pass

@@ -176,6 +176,10 @@ def check_config(config, sources, world_size=1):
         fail(f"{show('warmup_iters')} is longer than {show('lr_decay_iters')}; "
              f"lower warmup_iters or raise lr_decay_iters")
     one_of('dtype', DTYPES)
+    one_of('gelu', ('tanh', 'exact'))
+    if config['gelu'] != 'tanh' and config['init_from'] not in ('scratch', 'resume'):
+        fail(f"{show('gelu')}: pretrained GPT-2 weights need the tanh GELU they were trained with; "
+             f"drop the override")
     one_of('wandb_mode', ('online', 'offline'))
     device = config['device']
     if not (device in ('cpu', 'cuda', 'mps') or (device.startswith('cuda:') and device[5:].isdigit())):

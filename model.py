@@ -56,9 +56,9 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc    = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # GPT-2 was trained with the tanh approximation of GELU ("gelu_new" in transformers): the
-        # exact erf form would not reproduce the released checkpoints' logits
-        self.gelu    = nn.GELU(approximate='tanh')
+        # GPT-2 and the official Sophia runs use the tanh approximation of GELU ("gelu_new" in
+        # transformers), which the released checkpoints need; nanoGPT uses the exact erf form
+        self.gelu    = nn.GELU(approximate={'tanh': 'tanh', 'exact': 'none'}[config.gelu])
         self.c_proj  = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -93,6 +93,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True # biases in every Linear and LayerNorm as GPT-2 had; the official Sophia runs drop them
     scale_attn_by_inverse_layer_idx: bool = False # True: layer i's attention logits also scaled by 1/(i+1)
+    gelu: str = 'tanh' # 'tanh': GPT-2's approximation (the official Sophia runs); 'exact': erf, as nanoGPT
 
 def _gumbel_argmax(z):
     """ argmax(z + G) along the last dim, G standard Gumbel: an index drawn from softmax(z) """
@@ -226,7 +227,7 @@ class GPT(nn.Module):
         # the architecture comes from the checkpoint's own config; GPT-2 has biases everywhere
         config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
                            n_head=hf.n_head, n_embd=hf.n_embd, bias=True,
-                           dropout=override_args.get('dropout', 0.0),
+                           dropout=override_args.get('dropout', 0.0), gelu='tanh',
                            scale_attn_by_inverse_layer_idx=hf.scale_attn_by_inverse_layer_idx)
         model = cls(config)
         sd = model.state_dict()

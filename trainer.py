@@ -37,9 +37,9 @@ from configurator import ConfigError, check_config, format_config, parse_args
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN_STREAM, EVAL_STREAM, HESSIAN_STREAM = 0, 1, 2  # independent random streams per purpose
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout',
-              'scale_attn_by_inverse_layer_idx')
+              'scale_attn_by_inverse_layer_idx', 'gelu')
 SHAPE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size',
-              'scale_attn_by_inverse_layer_idx')
+              'scale_attn_by_inverse_layer_idx', 'gelu')  # what a checkpoint's model is
 
 class UserError(Exception):
     """A problem the user can fix: reported as one line, exit status 2, nothing overwritten."""
@@ -79,6 +79,7 @@ def default_config():
     dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
     bias = False  # biases in Linear and LayerNorm layers
     scale_attn_by_inverse_layer_idx = False  # scale attention logits of layer i by 1/(i+1), as medium/large
+    gelu = 'tanh'  # 'tanh' (GPT-2, the official runs) or 'exact' (nanoGPT; faster on some CPUs)
     # optimizer
     learning_rate = 6e-4  # peak learning rate
     max_iters = 100000  # total iterations
@@ -251,7 +252,7 @@ def build_model(config, dataset_vocab, resume_state, master):
         changed = [f"{key}={config[key]!r} (checkpoint: {saved_config[key]!r})" for key in SHAPE_KEYS
                    if key in config and config[key] != saved_config.get(key, config[key])]
         if changed:
-            raise UserError(f"the checkpoint in {config['out_dir']} is of another model shape: "
+            raise UserError(f"the checkpoint in {config['out_dir']} is of another model: "
                             f"{', '.join(changed)}; drop those overrides or use another --out_dir")
         model_args = dict(resume_state['model_args'], dropout=config['dropout'])
         model = GPT(GPTConfig(**model_args))

@@ -95,6 +95,7 @@ def test_end_to_end_runs_both_training_scripts(tmp_path):
     (['--optimizers=sophiag,sgd'], "optimizers='sophiag,sgd' (argument --optimizers=sophiag,sgd): expected"),
     (['--dataset=/nonexistent/data'], 'or benchmark on random tokens with --real_data=False'),
     (['--nanogpt=/nonexistent'], 'nanoGPT is run end to end only; add --end_to_end=True'),
+    (['--end_to_end=True', f'--nanogpt={ROOT}'], "nanoGPT's model uses the exact GELU; for the same model add --gelu=exact"),
 ])
 def test_mistakes_are_one_line(args, message):
     result = run_bench(TINY + args)

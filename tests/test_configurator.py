@@ -110,6 +110,8 @@ def test_sophia_keys_are_unknown_to_the_adam_script():
     (['--init_from=gpt3'], 1, "init_from='gpt3' (argument --init_from=gpt3): expected scratch, resume"),
     (['--beta2=1.0'], 1, "beta2=1.0 (argument --beta2=1.0): must be in [0, 1)"),
     (['--rho=-1'], 1, "rho=-1.0 (argument --rho=-1): must be > 0"),
+    (['--gelu=relu'], 1, "gelu='relu' (argument --gelu=relu): expected one of tanh, exact"),
+    (['--init_from=gpt2', '--gelu=exact'], 1, "pretrained GPT-2 weights need the tanh GELU"),
 ])
 def test_impossible_values_and_combinations(argv, world_size, message):
     config, sources = parse_args(sophiag_defaults(), argv)

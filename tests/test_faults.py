@@ -584,7 +584,10 @@ BAD_INPUTS = {
         'fresh', ['token id', "the model's vocab_size 10"]),
     'checkpoint of another model shape': (
         lambda d, o, t, m: ('sophiag', resume(d, o, n_layer=3)),
-        'run', ['another model shape', 'n_layer=3 (checkpoint: 2)']),
+        'run', ['of another model:', 'n_layer=3 (checkpoint: 2)']),
+    'checkpoint with another GELU': (
+        lambda d, o, t, m: ('sophiag', resume(d, o, gelu='exact')),
+        'run', ['of another model:', "gelu='exact' (checkpoint: 'tanh')"]),
     'checkpoint of another optimizer': (
         lambda d, o, t, m: ('adamw', resume(d, o, sophia=False)),
         'run', ['trained with sophiag, not adamw', 'train_sophiag.py']),
