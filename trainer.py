@@ -248,7 +248,8 @@ def build_model(config, dataset_vocab, resume_state, master):
     model_args['vocab_size'] = model_vocab_size(dataset_vocab)
     if resume_state is not None:
         # the config asks for the shape the checkpoint was trained with, or it is another model
-        saved_config = resume_state['config']
+        # checkpoints written before the gelu key existed were trained with the tanh GELU
+        saved_config = {'gelu': 'tanh', **resume_state['config']}
         changed = [f"{key}={config[key]!r} (checkpoint: {saved_config[key]!r})" for key in SHAPE_KEYS
                    if key in config and config[key] != saved_config.get(key, config[key])]
         if changed:
