@@ -31,8 +31,9 @@ with the same shape, batch and data for bench_warmup + bench_iters iterations ea
 bench_rounds rounds; tokens/s is read from their metrics.jsonl, skipping the log rows that hold the
 warmup (compilation, the evaluation at iteration 0). With --nanogpt=PATH, nanoGPT's train.py from a
 local checkout at PATH runs too, on the same data and the same model (nanoGPT's has the exact GELU:
---gelu=exact is required), and its tokens/s comes from its printed per-iteration times. Both scripts get the same value for every key they share; log_interval is
-hess_interval, so that every log row holds exactly one Hessian pass.
+--gelu=exact is required), and its tokens/s comes from its printed per-iteration times. Both
+scripts get the same value for every key they share; log_interval is hess_interval, so that every
+log row holds exactly one Hessian pass.
 
     $ python bench.py config/train_stdlib_char_sophiag.py --end_to_end=True --bench_iters=200 \\
         --bench_warmup=20 --gelu=exact --nanogpt=/path/to/nanoGPT

@@ -145,16 +145,20 @@ def test_inverse_layer_idx_scaling_changes_deep_layers_only():
     assert [b.attn.scale for b in deep.transformer.h] == [16 ** -0.5 / (i + 1) for i in range(3)]
 
 
-@pytest.mark.parametrize('gelu', ['tanh', 'exact'])
+GELUS = {  # GPT-2's tanh approximation and the exact erf form, written out
+    'tanh': lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3))),
+    'exact': lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
+}
+
+
+@pytest.mark.parametrize('gelu', list(GELUS))
 def test_mlp_applies_the_configured_gelu(gelu):
     mlp = tiny_gpt(gelu=gelu).transformer.h[0].mlp
     x = torch.randn(2, 8, TINY['n_embd']) * 3
     hidden = mlp.c_fc(x)
-    expected = mlp.c_proj(0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden ** 3)))
-                          if gelu == 'tanh' else 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2))))
-    torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
-    other = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2))) if gelu == 'tanh' else torch.tanh(hidden)
-    assert not torch.allclose(mlp(x), mlp.c_proj(other), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(GELUS[gelu](hidden)), rtol=1e-5, atol=1e-6)
+    other = GELUS['exact' if gelu == 'tanh' else 'tanh']
+    assert not torch.allclose(mlp(x), mlp.c_proj(other(hidden)), rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_only_in_training_mode():
