@@ -2,7 +2,7 @@
 Throughput of Sophia-G against AdamW: one model, one batch, one device, one process.
 
     $ python bench.py config/train_stdlib_char_sophiag.py                      # CPU, seconds
-    $ python bench.py config/train_gpt2_small_sophiag.py --gradient_accumulation_steps=4
+    $ python bench.py config/train_gpt2_small_sophiag.py --total_bs=48       # 4 micro-batches of 12
     $ python bench.py config/train_stdlib_char_sophiag.py --profile=True       # + torch.profiler traces
     $ python bench.py --device=cpu --dtype=float32 --compile=False --real_data=False --n_layer=2
 
@@ -11,10 +11,10 @@ defaults of train_sophiag.py, plus the bench_* keys below. Each optimizer gets i
 same freshly initialised model and trains on the same batches; after `bench_warmup` untimed
 iterations (compilation, allocator, the first Hessian pass), `bench_iters` iterations are timed per
 round, and the optimizers take turns over `bench_rounds` rounds so that a busy machine slows both
-alike. Each iteration is the training loop's (trainer.py): forward+backward over the
-gradient-accumulation micro-batches, then unscale, clip, optimizer step, zero_grad; Sophia adds its
-Hessian pass after every hess_interval-th step. The sections are timed apart, with a device
-synchronisation at each boundary on CUDA, and
+alike. Each iteration calls the training loop's own pieces (trainer.py): forward_backward over the
+gradient-accumulation micro-batches, then clip_and_step (unscale, clip, the flags every process
+agrees on, optimizer step, zero_grad); Sophia adds hessian_pass after every hess_interval-th step.
+The sections are timed apart, with a device synchronisation at each boundary on CUDA, and
 
     ms/iter  = forward+backward + optimizer step + Hessian pass / hess_interval
     tokens/s = tokens per iteration / ms/iter
@@ -23,7 +23,7 @@ synchronisation at each boundary on CUDA, and
 MFU needs the device's peak: looked up for known GPUs (model.device_peak_flops), none on a CPU
 unless --peak_flops is given. The Hessian pass is a full forward+backward over hess_micro_steps
 micro-batches (0: as many as the accumulation), so from the arithmetic alone Sophia's tokens/s is
-1 / (1 + hess_micro_steps / (gradient_accumulation_steps * hess_interval)) of AdamW's: 0.909 with
+1 / (1 + hess_micro_steps / (accumulation * hess_interval)) of AdamW's: 0.909 with
 the default schedule. The table prints that expectation beside the measured ratio.
 
 End to end (--end_to_end=True): the real train_adam.py and train_sophiag.py run as subprocesses
@@ -56,13 +56,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import trainer
-from configurator import ConfigError, check_config, parse_args
+from configurator import ConfigError, batch_plan, check_config, parse_args
 from train_sophiag import sophiag_defaults
 
 OPTIMIZERS = {'sophiag': 'train_sophiag.py', 'adamw': 'train_adam.py'}
-# the Hessian pass reads micro-batches from this index on, so the training iterations of both
-# optimizers read identical batches (micro-batch i of iteration n is number n * accumulation + i)
-HESSIAN_BATCHES = 1 << 40
+# the Hessian passes read the data stream from this sequence on, so the training iterations of
+# both optimizers read identical batches (iteration n reads sequences n * total_bs onwards)
+HESSIAN_SEQUENCES = 1 << 40
 
 def bench_defaults():
     config = sophiag_defaults()
@@ -116,16 +116,14 @@ def check_bench_config(config, sources):
             raise ConfigError(f"{show('nanogpt')}: {missing[0]} not found there; point it at a nanoGPT checkout")
     return names
 
-def expected_ratio(config):
+def expected_ratio(config, plan):
     """Sophia's tokens/s over AdamW's from the forward/backward work alone: the Hessian pass adds
-    hess_micro_steps micro-batches every hess_interval iterations of gradient_accumulation_steps."""
-    hessian = config['hess_micro_steps'] or config['gradient_accumulation_steps']
-    return 1 / (1 + hessian / (config['gradient_accumulation_steps'] * config['hess_interval']))
+    plan.hess_micro_steps micro-batches every hess_interval iterations of plan.micro_steps."""
+    return 1 / (1 + plan.hess_micro_steps / (plan.micro_steps * config['hess_interval']))
 
-def describe_schedule(config):
-    hessian = config['hess_micro_steps'] or config['gradient_accumulation_steps']
-    return (f"a Hessian pass of {hessian} micro-batches every {config['hess_interval']} iterations "
-            f"of {config['gradient_accumulation_steps']}")
+def describe_schedule(config, plan):
+    return (f"a Hessian pass of {plan.hess_micro_steps} micro-batches every {config['hess_interval']} "
+            f"iterations of {plan.micro_steps}")
 
 # -----------------------------------------------------------------------------
 # in one process
@@ -145,59 +143,36 @@ def random_token_files(folder, vocab_size, block_size, seed):
         rng.integers(0, vocab_size, size=tokens, dtype=np.uint16).tofile(os.path.join(folder, f'{split}.bin'))
 
 class OptimizerBench:
-    """One optimizer on its own copy of the model; runs iterations as trainer.py does and adds up
-    the time of each section."""
+    """One optimizer on its own copy of the model; runs iterations with the training loop's own
+    pieces (trainer.forward_backward, clip_and_step, hessian_pass) and adds up the time of each."""
 
-    def __init__(self, name, model, config, device, paths, vocab_size, dataset):
-        self.name, self.config, self.device = name, config, device
-        self.paths, self.vocab_size, self.dataset = paths, vocab_size, dataset
-        self.is_sophia = name == 'sophiag'
+    def __init__(self, name, model, config, plan, device, paths, vocab_size):
+        self.name, self.config = name, config
         device_type = 'cuda' if device.startswith('cuda') else device
         ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[config['dtype']]
-        self.autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-        self.raw_model = copy.deepcopy(model).to(device)  # deepcopy keeps the tied wte/lm_head tied
-        self.optimizer = self.raw_model.configure_optimizers(
+        autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+        raw_model = copy.deepcopy(model).to(device)  # deepcopy keeps the tied wte/lm_head tied
+        optimizer = raw_model.configure_optimizers(
             name, device_type=device_type, **trainer.optimizer_hyperparameters(name, config))
-        self.scaler = torch.amp.GradScaler(device_type, enabled=config['dtype'] == 'float16')
-        self.model = torch.compile(self.raw_model) if config['compile'] else self.raw_model
-        self.params = list(self.raw_model.parameters())
-        self.micro_steps = config['gradient_accumulation_steps']
-        self.hessian_micro_steps = config['hess_micro_steps'] or self.micro_steps
-        # tokens of the batch the sampled gradient is the mean over (the GNB scale, see sophia.py)
-        self.bs = (self.hessian_micro_steps * config['batch_size'] * config['block_size']
-                   if config['hessian_estimator'] == 'gnb' else 1)
+        scaler = torch.amp.GradScaler(device_type, enabled=config['dtype'] == 'float16')
+        compiled = torch.compile(raw_model) if config['compile'] else raw_model
+        self.run = trainer.Run(config, name, compiled, raw_model, optimizer, scaler, autocast, plan, paths,
+                               vocab_size, device, rank=0, world_size=1)
         self.iter_num, self.hessian_passes = 0, 0
         self.iters_timed, self.passes_timed = 0, 0
         self.seconds = {'forward_backward': 0.0, 'step': 0.0, 'hessian': 0.0}
 
-    def batch(self, index):
-        return trainer.get_batch(self.paths['train'], self.config['seed'], trainer.TRAIN_STREAM, index,
-                                 self.config['batch_size'], self.config['block_size'], self.vocab_size,
-                                 self.device, self.dataset)
-
     def iteration(self, timed):
         """One training iteration without the Hessian pass."""
-        config = self.config
-        lr = trainer.get_lr(self.iter_num, config)
-        for group in self.optimizer.param_groups:
-            group['lr'] = lr
-        start = sync_time(self.device)
+        run = self.run
+        trainer.set_lr(run, self.iter_num)
+        start = sync_time(run.device)
         with record_function('forward_backward'):
-            for micro_step in range(self.micro_steps):
-                X, Y = self.batch(self.iter_num * self.micro_steps + micro_step)
-                loss = trainer.forward_loss(self.model, X, Y, self.autocast) / self.micro_steps
-                self.scaler.scale(loss).backward()
-        middle = sync_time(self.device)
+            loss = trainer.forward_backward(run, self.iter_num * run.plan.sequences)
+        middle = sync_time(run.device)
         with record_function('optimizer_step'):
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, config['grad_clip'] or math.inf)
-            if self.is_sophia:
-                self.scaler.step(self.optimizer, bs=self.bs)
-            else:
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-        end = sync_time(self.device)
+            trainer.clip_and_step(run, loss, stop_requested=False)
+        end = sync_time(run.device)
         self.iter_num += 1
         if timed:
             self.seconds['forward_backward'] += middle - start
@@ -205,31 +180,22 @@ class OptimizerBench:
             self.iters_timed += 1
 
     def hessian_pass(self, timed):
-        config = self.config
-        first = HESSIAN_BATCHES + self.hessian_passes * self.hessian_micro_steps
-        micro_batches = range(first, first + self.hessian_micro_steps)
-        start = sync_time(self.device)
+        run = self.run
+        start = sync_time(run.device)
         with record_function('hessian_pass'):
-            if config['hessian_estimator'] == 'gnb':
-                trainer.gnb_hessian_pass(self.model, self.raw_model, self.optimizer, self.scaler, config,
-                                         micro_batches, self.hessian_micro_steps, self.paths,
-                                         self.vocab_size, self.autocast, self.device, 1)
-            else:
-                trainer.hutchinson_hessian_pass(self.raw_model, self.optimizer, config, micro_batches,
-                                                self.hessian_micro_steps, self.paths, self.vocab_size,
-                                                self.device, 1)
-        end = sync_time(self.device)
+            trainer.hessian_pass(run, HESSIAN_SEQUENCES + self.hessian_passes * run.plan.hess_sequences)
+        end = sync_time(run.device)
         self.hessian_passes += 1
         if timed:
             self.seconds['hessian'] += end - start
             self.passes_timed += 1
 
-    def run(self, iters, timed):
+    def run_iterations(self, iters, timed):
         """`iters` iterations with the training loop's Hessian schedule: a pass after every
         hess_interval-th step."""
         for _ in range(iters):
             self.iteration(timed)
-            if self.is_sophia and self.iter_num % self.config['hess_interval'] == 0:
+            if trainer.hessian_due(self.run, self.iter_num - 1):
                 self.hessian_pass(timed)
 
     def warmup(self):
@@ -237,8 +203,8 @@ class OptimizerBench:
         the optimizer state, the fused kernels, the allocator."""
         if self.config['bench_warmup'] == 0:
             return
-        self.run(self.config['bench_warmup'], timed=False)
-        if self.is_sophia:
+        self.run_iterations(self.config['bench_warmup'], timed=False)
+        if self.run.is_sophia:
             self.hessian_pass(timed=False)
 
     def results(self, tokens_per_iter, peak_flops):
@@ -247,18 +213,18 @@ class OptimizerBench:
                'hessian_ms_per_pass': None, 'hessian_ms_per_iter': None, 'hessian_share': None}
         ms_per_iter = ms['forward_backward'] + ms['step']
         tokens_computed = tokens_per_iter  # tokens through a forward+backward per iteration, for MFU
-        if self.is_sophia:
+        if self.run.is_sophia:
             per_pass = 1000 * self.seconds['hessian'] / self.passes_timed
             row['hessian_ms_per_pass'] = per_pass
             row['hessian_ms_per_iter'] = per_pass / self.config['hess_interval']
             ms_per_iter += row['hessian_ms_per_iter']
             row['hessian_share'] = row['hessian_ms_per_iter'] / ms_per_iter
-            tokens_computed += (self.hessian_micro_steps * self.config['batch_size'] * self.config['block_size']
-                                / self.config['hess_interval'])
+            tokens_computed += self.run.hessian_tokens / self.config['hess_interval']
         row['ms_per_iter'] = ms_per_iter
         row['tokens_per_s'] = tokens_per_iter / (ms_per_iter / 1000)
-        row['mfu'] = self.raw_model.estimate_mfu(tokens_computed / self.raw_model.config.block_size,
-                                                 ms_per_iter / 1000, peak_flops)
+        raw_model = self.run.raw_model
+        row['mfu'] = raw_model.estimate_mfu(tokens_computed / raw_model.config.block_size, ms_per_iter / 1000,
+                                            peak_flops)
         return row
 
     def profile(self, out_dir, device):
@@ -268,12 +234,12 @@ class OptimizerBench:
         with profile(activities=activities) as prof:
             for _ in range(2):
                 self.iteration(timed=False)
-            if self.is_sophia:
+            if self.run.is_sophia:
                 self.hessian_pass(timed=False)
         path = os.path.join(out_dir, f'bench-trace-{self.name}.json')
         prof.export_chrome_trace(path)
         sort_by = 'self_device_time_total' if device.startswith('cuda') else 'self_cpu_time_total'
-        print(f"\n{self.name}: top ops of 2 iterations{' and a Hessian pass' if self.is_sophia else ''} "
+        print(f"\n{self.name}: top ops of 2 iterations{' and a Hessian pass' if self.run.is_sophia else ''} "
               f"(trace: {path})")
         print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
 
@@ -290,7 +256,7 @@ def format_table(rows):
     return '\n'.join('  '.join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
                      for line in cells)
 
-def bench(config, names):
+def bench(config, plan, names):
     """The in-process benchmark; prints the table and returns its rows."""
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         raise trainer.UserError("bench.py runs in one process; start it with python, not torchrun")
@@ -304,31 +270,32 @@ def bench(config, names):
                 dataset_vocab, paths = trainer.open_dataset(config['dataset'], config['block_size'])
             except trainer.UserError as e:
                 raise trainer.UserError(f"{e}; or benchmark on random tokens with --real_data=False")
-            dataset = config['dataset']
+            run_config = config
         else:
             random_token_files(scratch, config['synthetic_vocab_size'], config['block_size'], config['seed'])
             _, paths = trainer.open_dataset(scratch, config['block_size'])
-            dataset_vocab, dataset = config['synthetic_vocab_size'], scratch
+            dataset_vocab = config['synthetic_vocab_size']
+            run_config = dict(config, dataset=scratch)  # named in the errors get_batch may raise
 
         torch.manual_seed(config['seed'])
         model, model_args = trainer.build_model(config, dataset_vocab, None, True)
         vocab_size = model_args['vocab_size']
-        benches = [OptimizerBench(name, model, config, device, paths, vocab_size, dataset) for name in names]
+        benches = [OptimizerBench(name, model, run_config, plan, device, paths, vocab_size) for name in names]
         del model
-        tokens_per_iter = config['gradient_accumulation_steps'] * config['batch_size'] * config['block_size']
+        tokens_per_iter = plan.sequences * config['block_size']
         print(f"device {device}, dtype {config['dtype']}, compile {config['compile']}, "
-              f"{benches[0].raw_model.get_num_params() / 1e6:.2f}M parameters, "
+              f"{benches[0].run.raw_model.get_num_params() / 1e6:.2f}M parameters, "
               f"{'data ' + config['dataset'] if config['real_data'] else 'random tokens'}, tokens per iteration: "
-              f"{config['gradient_accumulation_steps']} accumulation x {config['batch_size']} batch x "
+              f"{plan.micro_steps} accumulation x {config['batch_size']} batch x "
               f"{config['block_size']} block = {tokens_per_iter:,}" +
-              (f"; sophiag: {describe_schedule(config)}" if 'sophiag' in names else ''), flush=True)
+              (f"; sophiag: {describe_schedule(config, plan)}" if 'sophiag' in names else ''), flush=True)
         for b in benches:
             b.warmup()
         for round_index in range(config['bench_rounds']):
             for b in (benches if round_index % 2 == 0 else benches[::-1]):
-                b.run(config['bench_iters'], timed=True)
+                b.run_iterations(config['bench_iters'], timed=True)
         for b in benches:
-            while b.is_sophia and b.passes_timed < 2:  # too few iterations for the schedule to time a pass
+            while b.run.is_sophia and b.passes_timed < 2:  # too few iterations for the schedule to time a pass
                 b.hessian_pass(timed=True)
 
         peak = config['peak_flops'] or None
@@ -344,7 +311,7 @@ def bench(config, names):
         if 'sophiag' in by_name and 'adamw' in by_name:
             ratio = by_name['sophiag']['tokens_per_s'] / by_name['adamw']['tokens_per_s']
             print(f"sophiag / adamw tokens/s: {ratio:.3f} (the forward/backward arithmetic alone predicts "
-                  f"{expected_ratio(config):.3f}: {describe_schedule(config)})")
+                  f"{expected_ratio(config, plan):.3f}: {describe_schedule(config, plan)})")
         if config['profile']:
             os.makedirs(config['out_dir'], exist_ok=True)
             for b in benches:
@@ -361,15 +328,16 @@ def script_overrides(config, script_defaults, run):
     values.update(run)
     return [f'--{key}={value}' for key, value in values.items()]
 
-def nanogpt_overrides(config, run):
+def nanogpt_overrides(config, plan, run):
     """The same model, batch, data and schedule in nanoGPT's train.py's config keys."""
-    keys = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd',
+    keys = ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd',
             'dropout', 'bias', 'device', 'dtype', 'compile', 'learning_rate', 'weight_decay', 'beta1',
             'beta2', 'grad_clip', 'decay_lr', 'warmup_iters', 'lr_decay_iters', 'min_lr')
     values = {key: config[key] for key in keys}
     values.update(
         # nanoGPT reads data/<dataset>; an absolute path wins over the 'data' prefix in os.path.join
         dataset=os.path.abspath(trainer.data_dir_of(config['dataset'])),
+        gradient_accumulation_steps=plan.micro_steps,  # one process: nanoGPT's count is the same
         out_dir=run['out_dir'],
         max_iters=run['max_iters'] - 1,  # nanoGPT runs iterations 0..max_iters
         eval_interval=10 ** 9,  # evaluate at iteration 0 only
@@ -407,7 +375,7 @@ def nanogpt_throughput(stdout, skip_iters, tokens_per_iter):
                                 "is PATH a nanoGPT checkout?")
     return tokens_per_iter / (sum(times) / len(times) / 1000)
 
-def end_to_end(config, names):
+def end_to_end(config, plan, names):
     """Run the training scripts (and nanoGPT) side by side, bench_rounds times; print tokens/s."""
     from train_adam import adam_defaults
     trainer.open_dataset(config['dataset'], config['block_size'])  # the scripts need real data
@@ -416,14 +384,14 @@ def end_to_end(config, names):
     log_interval = config['hess_interval']  # every log row holds exactly one Hessian pass
     skip_rows = max(1, math.ceil(config['bench_warmup'] / log_interval))  # row 1 holds the eval at iteration 0
     max_iters = (skip_rows + math.ceil(config['bench_iters'] / log_interval)) * log_interval
-    tokens_per_iter = config['gradient_accumulation_steps'] * config['batch_size'] * config['block_size']
+    tokens_per_iter = plan.sequences * config['block_size']
     defaults = {'sophiag': sophiag_defaults(), 'adamw': adam_defaults()}
     programs = [(OPTIMIZERS[name], name) for name in names] + ([('nanoGPT train.py', 'nanogpt')]
                                                               if config['nanogpt'] else [])
     print(f"end to end: iterations {skip_rows * log_interval}..{max_iters - 1} of {max_iters} timed per run "
           f"(the first {skip_rows * log_interval} hold compilation and the evaluation at iteration 0), "
           f"{tokens_per_iter:,} tokens per iteration, {config['bench_rounds']} rounds"
-          + (f"; sophiag: {describe_schedule(config)}" if 'sophiag' in names else ''), flush=True)
+          + (f"; sophiag: {describe_schedule(config, plan)}" if 'sophiag' in names else ''), flush=True)
     if config['nanogpt'] and config['device'] == 'cpu' and config['dtype'] != 'float32':
         print(f"note: nanoGPT does not autocast on a CPU: it runs float32, the scripts {config['dtype']}")
     measured = {label: [] for label, _ in programs}
@@ -433,11 +401,11 @@ def end_to_end(config, names):
         for round_index in range(config['bench_rounds']):
             for label, kind in (programs if round_index % 2 == 0 else programs[::-1]):
                 out_dir = os.path.join(scratch, f'{kind}-{round_index}')
-                run = dict(out_dir=out_dir, max_iters=max_iters, log_interval=log_interval,
+                run = dict(out_dir=out_dir, max_iters=max_iters, log_interval=log_interval, total_bs=plan.sequences,
                            eval_interval=max_iters, eval_iters=1, checkpoint_interval=max_iters,
                            wandb_log=False)
                 if kind == 'nanogpt':
-                    command = [sys.executable, 'train.py'] + nanogpt_overrides(config, run)
+                    command = [sys.executable, 'train.py'] + nanogpt_overrides(config, plan, run)
                     stdout = run_program(command, config['nanogpt'])
                     tokens_per_s = nanogpt_throughput(stdout, skip_rows * log_interval, tokens_per_iter)
                     mfu = None  # nanoGPT's own MFU counts differently; its tokens/s is what compares
@@ -465,7 +433,7 @@ def end_to_end(config, names):
         ratios = [s / a for s, a in zip(measured[sophia], measured[adam])]
         print(f"{sophia} / {adam} tokens/s: {mean[sophia] / mean[adam]:.3f} (rounds: "
               f"{', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}); "
-              f"the forward/backward arithmetic alone predicts {expected_ratio(config):.3f}: {describe_schedule(config)}")
+              f"the forward/backward arithmetic alone predicts {expected_ratio(config, plan):.3f}: {describe_schedule(config, plan)}")
     if 'nanoGPT train.py' in measured:
         for label in (adam, sophia):
             if label in measured:
@@ -482,11 +450,12 @@ def main(argv):
     try:
         config, sources = parse_args(bench_defaults(), argv)
         check_config(config, sources)
+        plan = batch_plan(config, sources, world_size=1)
         names = check_bench_config(config, sources)
         if config['end_to_end']:
-            end_to_end(config, names)
+            end_to_end(config, plan, names)
         else:
-            bench(config, names)
+            bench(config, plan, names)
     except (ConfigError, trainer.UserError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

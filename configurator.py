@@ -15,11 +15,20 @@ expected: a config file assigning a name that is no config key (`learning_rat = 
 unknown --key, a value of the wrong type, and combinations that cannot work (min_lr above
 learning_rate, warmup longer than the decay, gradient accumulation that the world size does not
 divide, ...). Config files may use names starting with an underscore as scratch variables.
+
+Config files written for the official Sophia scripts or for nanoGPT run unmodified: their keys that
+are no key here are translated or checked (`foreign`, see trainer.foreign_keys), and each
+translation is reported once. `--help` lists every key with its default and the comment beside it
+in the defaults' source (describe_defaults), grouped as the defaults are.
 """
 
 import ast
 import difflib
+import inspect
+import io
 import os
+import tokenize
+from collections import namedtuple
 
 class ConfigError(Exception):
     """A mistake in the config that the user can fix; the message is one line."""
@@ -86,7 +95,23 @@ def assigned_names(tree):
             visit(statement)
     return found
 
-def apply_config_file(config, sources, path):
+def read_literal(text):
+    """A --key=value text as a Python literal, or as the plain string when it is none."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+def apply_foreign(config, sources, notes, foreign, name, value, source):
+    """A key of another repository's configs: its handler returns the (key, value) pairs it means
+    here and a note that says so, or raises ConfigError."""
+    settings, note = foreign[name](value, source)
+    for key, setting in settings:
+        config[key] = coerce(key, setting, config[key], source)
+        sources[key] = f"{source} (as {name})"
+    notes.append(f"{source}: {note}")
+
+def apply_config_file(config, sources, path, foreign, notes):
     """Exec a config file over the config; reject names that are no config key."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found (arguments without '--' are config files)")
@@ -96,13 +121,16 @@ def apply_config_file(config, sources, path):
         tree = ast.parse(text, filename=path)
     except SyntaxError as e:
         raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}")
-    last_line = {}
+    last_line, foreign_line = {}, {}
     for name, line in assigned_names(tree):
         if name.startswith('_'):
             continue
-        if name not in config:
+        if name in foreign and name not in config:
+            foreign_line[name] = line
+        elif name not in config:
             raise ConfigError(f"{path}:{line}: {unknown_key(name, config)}")
-        last_line[name] = line
+        else:
+            last_line[name] = line
     namespace = dict(config)
     try:
         # compiled with the file's name so a traceback points at the config file, not <string>
@@ -113,35 +141,91 @@ def apply_config_file(config, sources, path):
         source = f"{path}:{line}"
         config[name] = coerce(name, namespace[name], config[name], source)
         sources[name] = source
+    for name, line in foreign_line.items():
+        apply_foreign(config, sources, notes, foreign, name, namespace[name], f"{path}:{line}")
 
-def apply_override(config, sources, arg):
+def apply_override(config, sources, arg, foreign, notes):
     """Apply one --key=value argument."""
     if '=' not in arg:
         raise ConfigError(f"argument {arg!r}: expected --key=value")
     key, text = arg[2:].split('=', 1)
+    if key in foreign and key not in config:
+        apply_foreign(config, sources, notes, foreign, key, read_literal(text), f"argument {arg}")
+        return
     if key not in config:
         raise ConfigError(f"argument {arg!r}: {unknown_key(key, config)}")
     config[key] = parse_value(key, text, config[key], f"argument {arg}")
     sources[key] = f"argument {arg}"
 
-def parse_args(defaults, argv):
+def parse_args(defaults, argv, foreign=None, notes=None):
     """Defaults, then each argument in order. Returns (config, sources): the resolved values and,
-    for each key, where its value came from ('default', 'file:line' or 'argument --key=value')."""
+    for each key, where its value came from ('default', 'file:line' or 'argument --key=value').
+    `foreign` maps keys of other repositories' configs to handlers (apply_foreign); what they did
+    is appended to `notes`."""
     for key, value in defaults.items():
         assert value is not None and type(value) in (bool, int, float, str), \
             f"default of {key} must be a bool, int, float or str"
+    foreign = foreign or {}
+    notes = [] if notes is None else notes
     config = dict(defaults)
     sources = {key: 'default' for key in defaults}
     for arg in argv:
         if arg.startswith('--'):
-            apply_override(config, sources, arg)
+            apply_override(config, sources, arg, foreign, notes)
         else:
-            apply_config_file(config, sources, arg)
+            apply_config_file(config, sources, arg, foreign, notes)
     return config, sources
+
+# -----------------------------------------------------------------------------
+# batch arithmetic
+
+BatchPlan = namedtuple('BatchPlan', 'micro_steps sequences hess_micro_steps hess_sequences')
+BatchPlan.__doc__ = """Per iteration: micro_steps micro-batches per process, sequences over all processes;
+per Hessian pass: hess_micro_steps micro-batches per process, hess_sequences over all processes."""
+
+def batch_plan(config, sources, world_size):
+    """The batch arithmetic of the official Sophia scripts: gradient_accumulation_steps counts the
+    micro-batches of *one* process, and processes x batch_size x gradient_accumulation_steps
+    sequences make one iteration. total_bs is that product, the sequences per iteration over all
+    processes (480 in the official GPT-2 runs). With gradient_accumulation_steps = 0 it is derived
+    from total_bs, so one config trains the same global batch on any number of processes; with
+    both set explicitly the product must equal total_bs. hess_micro_steps (Sophia) also counts a
+    process's micro-batches; 0 = gradient_accumulation_steps, a Hessian batch as large as a step."""
+    def show(key):
+        return f"{key}={config[key]!r} ({sources.get(key, 'default')})"
+    batch, accumulation, total = config['batch_size'], config['gradient_accumulation_steps'], config['total_bs']
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    if accumulation == 0:
+        if total == 0:
+            raise ConfigError(f"{show('gradient_accumulation_steps')} and {show('total_bs')}: set total_bs, the "
+                              f"sequences per iteration over all processes, or gradient_accumulation_steps")
+        if total % (batch * world_size):
+            raise ConfigError(f"{show('total_bs')} cannot be split into micro-batches of {show('batch_size')} on "
+                              f"{processes}: {total} is not a multiple of {batch} x {world_size}; "
+                              + split_advice(total, batch, world_size))
+        accumulation = total // (batch * world_size)
+    elif total and sources.get('total_bs', 'default') != 'default' and accumulation * batch * world_size != total:
+        raise ConfigError(f"{processes} x {show('batch_size')} x {show('gradient_accumulation_steps')} = "
+                          f"{world_size * batch * accumulation} sequences per iteration, but {show('total_bs')}; "
+                          + (f"use --gradient_accumulation_steps={total // (batch * world_size)} (or 0 to derive "
+                             f"it)" if total % (batch * world_size) == 0 else split_advice(total, batch, world_size))
+                          + f", or --total_bs={world_size * batch * accumulation} to train with that batch")
+    hess_micro_steps = config.get('hess_micro_steps', 0) or accumulation
+    return BatchPlan(accumulation, accumulation * batch * world_size,
+                     hess_micro_steps, hess_micro_steps * batch * world_size)
+
+def split_advice(total, batch, world_size):
+    """How to split total sequences over world_size processes when batch does not fit."""
+    if total % world_size:
+        return f"use a number of processes that divides {total}"
+    per_process = total // world_size
+    sizes = [size for size in range(1, per_process + 1) if per_process % size == 0]
+    near = [size for size in sizes if size < batch][-2:] + [size for size in sizes if size > batch][:2]
+    return f"use a batch_size that divides {per_process} (e.g. {', '.join(map(str, near))})"
 
 def check_config(config, sources, world_size=1):
     """Reject values and combinations that cannot work. `world_size` is the number of processes
-    (torchrun's WORLD_SIZE), which must divide the gradient accumulation."""
+    (torchrun's WORLD_SIZE), which the batch arithmetic needs (batch_plan)."""
     def show(key):
         return f"{key}={config[key]!r} ({sources.get(key, 'default')})"
     def fail(message):
@@ -158,11 +242,11 @@ def check_config(config, sources, world_size=1):
         if config[key] not in allowed:
             fail(f"{show(key)}: expected one of {', '.join(allowed)}")
 
-    positive('batch_size', 'block_size', 'gradient_accumulation_steps', 'n_layer', 'n_head',
-             'n_embd', 'learning_rate', 'eval_interval', 'eval_iters', 'log_interval',
-             'checkpoint_interval', 'keep_last', 'max_nonfinite', 'ddp_timeout')
+    positive('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'learning_rate',
+             'eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'keep_last',
+             'max_nonfinite', 'ddp_timeout')
     non_negative('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay',
-                 'grad_clip', 'dropout')
+                 'grad_clip', 'dropout', 'gradient_accumulation_steps', 'total_bs')
     if config['n_embd'] % config['n_head'] != 0:
         fail(f"{show('n_embd')} is not divisible by {show('n_head')}")
     if config['dropout'] >= 1:
@@ -184,22 +268,22 @@ def check_config(config, sources, world_size=1):
     device = config['device']
     if not (device in ('cpu', 'cuda', 'mps') or (device.startswith('cuda:') and device[5:].isdigit())):
         fail(f"{show('device')}: expected cpu, cuda, cuda:N or mps")
-    if config['init_from'] not in ('scratch', 'resume') + PRETRAINED \
-            and not os.path.isdir(config['init_from']):
+    init_from = config['init_from']
+    if init_from not in ('scratch', 'resume') + PRETRAINED and not os.path.isdir(init_from) \
+            and not (init_from.endswith('.pt') and os.path.isfile(init_from)):
         fail(f"{show('init_from')}: expected scratch, resume, one of {', '.join(PRETRAINED)}, "
-             f"or a local Hugging Face model directory")
-    accumulation = config['gradient_accumulation_steps']
-    if accumulation % world_size != 0:
-        fail(f"{show('gradient_accumulation_steps')} is not divisible by the world size "
-             f"{world_size}; make it a multiple of the number of processes")
+             f"a local Hugging Face model directory, or a checkpoint file (.pt)")
+    if 'backend' in config:
+        one_of('backend', ('auto', 'nccl', 'gloo'))
+        if config['backend'] == 'nccl' and not device.startswith('cuda'):
+            fail(f"{show('backend')} needs CUDA devices but {show('device')}; use --backend=gloo "
+                 f"or --backend=auto (nccl on CUDA, gloo otherwise)")
     if 'rho' in config:  # the Sophia keys exist in train_sophiag.py only
         positive('rho', 'hess_interval')
         non_negative('hess_micro_steps')
         one_of('hessian_estimator', HESSIAN_ESTIMATORS)
         non_negative('hess_grad_clip')
-        if config['hess_micro_steps'] % world_size != 0:
-            fail(f"{show('hess_micro_steps')} is not divisible by the world size {world_size}; "
-                 f"make it a multiple of the number of processes (0 = as gradient_accumulation_steps)")
+    batch_plan(config, sources, world_size)  # raises on batch arithmetic that cannot work
 
 def format_config(config, sources):
     """The resolved config, one key per line, with where each non-default value came from."""
@@ -209,3 +293,61 @@ def format_config(config, sources):
         origin = '' if sources[key] == 'default' else f"  # {sources[key]}"
         lines.append(f"{key:<{width}} = {value!r}{origin}")
     return '\n'.join(lines)
+
+# -----------------------------------------------------------------------------
+# --help
+
+def describe_defaults(*functions):
+    """What the comments in the source of the defaults functions say: a list of ('group', title)
+    and ('key', name, meaning) entries in source order. A comment line of its own starts a group
+    (`# I/O`); a line that assigns a key (`name = value  # meaning`, or `name=value,  # meaning`
+    inside a dict update) gives that key's meaning. A key described by several functions keeps
+    its first place and takes the last meaning given (a script's own reading of a shared key)."""
+    entries, seen = [], {}
+    for function in functions:
+        source = inspect.getsource(function)
+        lines = source.splitlines()
+        comments = {}
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                comments[token.start[0]] = token.string.lstrip('#').strip()
+        for number, line in enumerate(lines, 1):
+            stripped = line.strip()
+            if stripped.startswith('#'):
+                entries.append(('group', comments[number]))
+                continue
+            name = stripped.split('=', 1)[0].strip() if '=' in stripped else ''
+            if not name.isidentifier() or stripped.startswith(('def ', 'return', 'config')):
+                continue
+            meaning = comments.get(number, '')
+            if name not in seen:
+                seen[name] = len(entries)
+                entries.append(('key', name, meaning))
+            elif meaning:
+                entries[seen[name]] = ('key', name, meaning)
+    return entries
+
+def format_help(usage, defaults, described):
+    """The --help text: usage, then every key with its default and meaning, under its group."""
+    lines = [usage.strip(), '']
+    pending = []  # group titles waiting for their first key
+    width = max(len(f"--{key}={value!r}") for key, value in defaults.items())
+    listed = set()
+    for entry in described:
+        if entry[0] == 'group':
+            pending.append(entry[1])
+            continue
+        _, key, meaning = entry
+        if key not in defaults:
+            continue
+        if pending:
+            lines += ['', pending[-1] + ':']
+            pending = []
+        listed.add(key)
+        lines.append(f"  {f'--{key}={defaults[key]!r}':<{width}}  {meaning}".rstrip())
+    missing = [key for key in defaults if key not in listed]
+    assert not missing, f"keys without a place in the help: {missing}"
+    return '\n'.join(lines) + '\n'
+
+def wants_help(argv):
+    return any(arg in ('-h', '--help') for arg in argv)

@@ -15,20 +15,24 @@ import sys
 import torch
 
 import checkpoint
-from configurator import ConfigError, parse_args
+from configurator import ConfigError, describe_defaults, format_help, parse_args, wants_help
 from tokenizer import encoder_decoder, gpt2_encoding, load_meta
 from trainer import UserError, data_dir_of
 
 def sample_defaults():
+    """The keys of sample.py; the comment beside each is what --help says of it."""
+    # the model
     init_from = 'resume'  # 'resume' (a checkpoint in out_dir) or a GPT-2 name ('gpt2', 'gpt2-xl', ...)
     out_dir = 'out-stdlib-char-sophiag'  # where the checkpoint is, with init_from='resume'
     which = 'best'  # 'best' (lowest val loss) or 'latest' checkpoint
+    # sampling
     start = '\n'  # the prompt; "FILE:prompt.txt" reads it from a file
-    num_samples = 3
-    max_new_tokens = 500
+    num_samples = 3  # samples to draw, one after another
+    max_new_tokens = 500  # tokens generated per sample
     temperature = 0.8  # 1.0 samples the model's distribution; lower is more conservative
     top_k = 200  # sample among the top_k most likely tokens only; 0 = all
-    seed = 1337
+    seed = 1337  # the generator's seed: the same seed, the same samples
+    # system
     device = 'cpu'  # 'cpu', 'cuda', 'cuda:N' or 'mps'
     dtype = 'float32'  # 'float32', 'bfloat16' or 'float16'
     return dict(locals())
@@ -58,6 +62,9 @@ def load_model(config):
     return model, (encoding.encode_ordinary, encoding.decode)
 
 def main(argv):
+    if wants_help(argv):
+        print(format_help(__doc__, sample_defaults(), describe_defaults(sample_defaults)), end='')
+        sys.exit(0)
     try:
         config, _ = parse_args(sample_defaults(), argv)
         if config['device'].startswith('cuda') and not torch.cuda.is_available():

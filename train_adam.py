@@ -20,4 +20,4 @@ def adam_defaults():
     return config
 
 if __name__ == '__main__':
-    main('adamw', adam_defaults(), sys.argv[1:])
+    main('adamw', adam_defaults(), sys.argv[1:], described=[adam_defaults], usage=__doc__)

@@ -27,11 +27,11 @@ def sophiag_defaults():
         # Sophia's own keys (train_adam.py rejects them)
         rho=0.05,  # clipping threshold scale: the update is lr * clip(m / (rho * bs * h), 1); larger rho, more coordinates unclipped
         hess_interval=10,  # a Hessian pass after every hess_interval-th step
-        hess_micro_steps=0,  # micro-batches in a Hessian pass, over all processes; 0 = gradient_accumulation_steps
+        hess_micro_steps=0,  # micro-batches of a Hessian pass in each process; 0 = gradient_accumulation_steps (the official: as many tokens as a step)
         hessian_estimator='gnb',  # 'gnb' (Sophia-G, labels sampled from the model) or 'hutchinson' (Sophia-H)
         hess_grad_clip=1.0,  # clip the sampled gradient's norm before its square enters the EMA, as the official loop; 0 = off
     )
     return config
 
 if __name__ == '__main__':
-    main('sophiag', sophiag_defaults(), sys.argv[1:])
+    main('sophiag', sophiag_defaults(), sys.argv[1:], described=[sophiag_defaults], usage=__doc__)

@@ -1,7 +1,8 @@
 # GPT-2 medium (355M, 24 layers, 16 heads, 1024 wide) on OpenWebText with AdamW, the official baseline hyperparameters.
-# Tokens per iteration: 6 batch * 1024 block * 80 accumulation (over all GPUs) = 491,520,
-# e.g. 8 GPUs with 80 GB each run 10 micro-batches each per iteration. With less GPU memory lower
-# batch_size and raise gradient_accumulation_steps so that the product stays 480 sequences.
+# Tokens per iteration: 480 sequences (total_bs) x 1024 block = 491,520, as the official runs. Each process
+# runs gradient_accumulation_steps micro-batches of batch_size, derived here (0): 80 on 1 GPU, 10 on 8.
+# With less GPU memory lower batch_size; the official README's lines also work as written, e.g.
+# --nproc_per_node=10 --batch_size=8 --gradient_accumulation_steps=6 (nproc x batch x accumulation = 480).
 # 100k iterations = 49.2B tokens. Prepare the data first: python data/openwebtext/prepare.py
 # Expected: the Sophia paper's AdamW reaches about 2.70 after 100k iterations.
 # $ torchrun --standalone --nproc_per_node=8 train_adam.py config/train_gpt2_medium_adam.py
@@ -12,9 +13,10 @@ wandb_project = 'sophia'
 wandb_run_name = 'gpt2-medium-adam'
 
 dataset = 'openwebtext'
+total_bs = 480
 batch_size = 6
+gradient_accumulation_steps = 0
 block_size = 1024
-gradient_accumulation_steps = 80
 
 n_layer = 24
 n_head = 16

@@ -1,7 +1,8 @@
 # GPT-2 small (124M, 12 layers, 12 heads, 768 wide) on OpenWebText with Sophia-G, the official hyperparameters.
-# Tokens per iteration: 12 batch * 1024 block * 40 accumulation (over all GPUs) = 491,520,
-# e.g. 8 GPUs with 80 GB each run 5 micro-batches each per iteration. With less GPU memory lower
-# batch_size and raise gradient_accumulation_steps so that the product stays 480 sequences.
+# Tokens per iteration: 480 sequences (total_bs) x 1024 block = 491,520, as the official runs. Each process
+# runs gradient_accumulation_steps micro-batches of batch_size, derived here (0): 40 on 1 GPU, 5 on 8.
+# With less GPU memory lower batch_size; the official README's lines also work as written, e.g.
+# --nproc_per_node=10 --batch_size=8 --gradient_accumulation_steps=6 (nproc x batch x accumulation = 480).
 # 100k iterations = 49.2B tokens. Prepare the data first: python data/openwebtext/prepare.py
 # Expected: the Sophia paper reports a val loss of about 2.90 (AdamW 2.93) after 100k iterations.
 # $ torchrun --standalone --nproc_per_node=8 train_sophiag.py config/train_gpt2_small_sophiag.py
@@ -12,16 +13,17 @@ wandb_project = 'sophia'
 wandb_run_name = 'gpt2-small-sophiag'
 
 dataset = 'openwebtext'
+total_bs = 480
 batch_size = 12
+gradient_accumulation_steps = 0
 block_size = 1024
-gradient_accumulation_steps = 40
 
 n_layer = 12
 n_head = 12
 n_embd = 768
 dropout = 0.0
 bias = False
-scale_attn_by_inverse_layer_idx = False
+scale_attn_by_inverse_layer_idx = True
 
 learning_rate = 6e-4
 weight_decay = 0.2

@@ -28,10 +28,11 @@ def make_char_dataset(folder):
     return folder
 
 def tiny_args(dataset, out_dir, sophia=True, **overrides):
-    """Arguments for a model small enough to take milliseconds per iteration on a CPU."""
+    """Arguments for a model small enough to take milliseconds per iteration on a CPU. An iteration
+    is total_bs=8 sequences: 2 micro-batches of 4 in one process, 1 in each of two."""
     config = dict(dataset=dataset, out_dir=out_dir, device='cpu', dtype='float32', compile=False,
-                  n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4,
-                  gradient_accumulation_steps=2, max_iters=12, eval_interval=6, eval_iters=2,
+                  n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, total_bs=8,
+                  gradient_accumulation_steps=0, max_iters=12, eval_interval=6, eval_iters=2,
                   log_interval=1, checkpoint_interval=6, warmup_iters=2, lr_decay_iters=12,
                   learning_rate=3e-3, min_lr=1e-4, wandb_run_name='tiny')
     if sophia:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import ConfigError, check_config, format_config, parse_args  # noqa: E402
+from configurator import ConfigError, batch_plan, check_config, format_config, parse_args  # noqa: E402
 from train_adam import adam_defaults  # noqa: E402
 from train_sophiag import sophiag_defaults  # noqa: E402
 
@@ -88,9 +88,12 @@ def test_the_shipped_config_files_load_and_pass_the_checks():
         defaults = sophiag_defaults() if 'sophiag' in name else adam_defaults()
         config, sources = parse_args(defaults, [os.path.join(root, 'config', name)])
         check_config(config, sources, world_size=1)
-        if 'gpt2' in name:  # the official batch: 480 sequences of 1024 tokens
-            assert config['batch_size'] * config['gradient_accumulation_steps'] * config['block_size'] == 491520
-            check_config(config, sources, world_size=8)
+        if 'gpt2' in name:  # the official batch: 480 sequences of 1024 tokens on any number of GPUs
+            for world_size in (1, 8, 10):
+                check_config(config, sources, world_size=world_size)
+                plan = batch_plan(config, sources, world_size)
+                assert plan.sequences * config['block_size'] == 491520
+                assert world_size * plan.micro_steps * config['batch_size'] == 480
 
 def test_sophia_keys_are_unknown_to_the_adam_script():
     with pytest.raises(ConfigError, match="'rho' is not a config key"):
@@ -99,10 +102,13 @@ def test_sophia_keys_are_unknown_to_the_adam_script():
 @pytest.mark.parametrize('argv, world_size, message', [
     (['--min_lr=1e-2'], 1, "min_lr=0.01 (argument --min_lr=1e-2) is larger than learning_rate=0.0006 (default)"),
     (['--warmup_iters=200000'], 1, "warmup_iters=200000 (argument --warmup_iters=200000) is longer than lr_decay_iters"),
-    (['--gradient_accumulation_steps=6'], 4, "gradient_accumulation_steps=6 (argument --gradient_accumulation_steps=6) is not divisible by the world size 4"),
+    (['--total_bs=480', '--gradient_accumulation_steps=6'], 4, "4 processes x batch_size=12 (default) x gradient_accumulation_steps=6 (argument --gradient_accumulation_steps=6) = 288 sequences per iteration, but total_bs=480 (argument --total_bs=480); use --gradient_accumulation_steps=10 (or 0 to derive it), or --total_bs=288 to train with that batch"),
+    (['--batch_size=7'], 1, "total_bs=480 (default) cannot be split into micro-batches of batch_size=7 (argument --batch_size=7) on 1 process: 480 is not a multiple of 7 x 1; use a batch_size that divides 480 (e.g. 5, 6, 8, 10)"),
+    (['--total_bs=0'], 1, "gradient_accumulation_steps=0 (default) and total_bs=0 (argument --total_bs=0): set total_bs"),
+    (['--gradient_accumulation_steps=-1'], 1, "gradient_accumulation_steps=-1 (argument --gradient_accumulation_steps=-1): must be >= 0"),
     (['--dtype=float8'], 1, "dtype='float8' (argument --dtype=float8): expected one of float32, bfloat16, float16"),
     (['--hess_interval=0'], 1, "hess_interval=0 (argument --hess_interval=0): must be > 0"),
-    (['--hess_micro_steps=3'], 2, "hess_micro_steps=3 (argument --hess_micro_steps=3) is not divisible by the world size 2"),
+    (['--hess_micro_steps=-3'], 2, "hess_micro_steps=-3 (argument --hess_micro_steps=-3): must be >= 0"),
     (['--hessian_estimator=exact'], 1, "expected one of gnb, hutchinson"),
     (['--batch_size=0'], 1, "batch_size=0 (argument --batch_size=0): must be > 0"),
     (['--n_head=5'], 1, "n_embd=768 (default) is not divisible by n_head=5"),

@@ -560,16 +560,20 @@ BAD_INPUTS = {
     'Sophia key given to AdamW': (
         lambda d, o, t, m: ('adamw', resume(d, o, sophia=False) + ['--rho=0.05']),
         'run', ["'rho' is not a config key"]),
-    'no gradient accumulation': (
-        lambda d, o, t, m: ('sophiag', resume(d, o) + ['--gradient_accumulation_steps=0']),
-        'run', ['gradient_accumulation_steps=0', 'must be > 0']),
+    'negative gradient accumulation': (
+        lambda d, o, t, m: ('sophiag', resume(d, o) + ['--gradient_accumulation_steps=-1']),
+        'run', ['gradient_accumulation_steps=-1', 'must be >= 0']),
     'block longer than the data': (
         lambda d, o, t, m: ('sophiag', resume(d, o) + ['--block_size=100000']),
         'run', ['too few for block_size=100000']),
-    'world size does not divide the accumulation': (
+    'processes x batch x accumulation is not total_bs': (
         lambda d, o, t, m: (m.setenv('WORLD_SIZE', '2'), m.setenv('RANK', '0'),
                             ('sophiag', resume(d, o) + ['--gradient_accumulation_steps=3']))[-1],
-        'run', ['gradient_accumulation_steps=3', 'not divisible by the world size 2']),
+        'run', ['2 processes x batch_size=4', 'gradient_accumulation_steps=3', '= 24 sequences per iteration, '
+                'but total_bs=8', '--total_bs=24']),
+    'total_bs that the processes cannot split': (
+        lambda d, o, t, m: (m.setenv('WORLD_SIZE', '3'), m.setenv('RANK', '0'), ('sophiag', resume(d, o)))[-1],
+        'run', ['total_bs=8', 'cannot be split into micro-batches of batch_size=4', 'on 3 processes']),
     'missing data': (
         lambda d, o, t, m: ('sophiag', resume(os.path.join(t, 'nowhere'), o)),
         'run', [os.path.join('nowhere', 'train.bin'), 'missing or empty']),

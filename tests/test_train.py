@@ -92,13 +92,14 @@ def test_resume_with_dropout_is_exact_for_adam(tmp_path, dataset):
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, dataset):
     """torchrun with 2 processes (gloo) sees the same global batches as a single process: each
     process takes its half of the micro-batches, gradients are averaged, so the losses agree up
-    to float summation order."""
+    to float summation order. The counts of micro-batches are per process: a Hessian pass of
+    half the step is 2 micro-batches on one process and 1 on each of two."""
     single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
-    args = dict(max_iters=8, gradient_accumulation_steps=4, hess_micro_steps=2)
-    check_ok(run_script('train_sophiag.py', tiny_args(dataset, single, **args)))
+    args = dict(max_iters=8, total_bs=16)
+    check_ok(run_script('train_sophiag.py', tiny_args(dataset, single, hess_micro_steps=2, **args)))
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    result = check_ok(run_script('train_sophiag.py', tiny_args(dataset, double, **args), launcher=launcher,
-                                 env={'OMP_NUM_THREADS': '1'}))
+    result = check_ok(run_script('train_sophiag.py', tiny_args(dataset, double, hess_micro_steps=1, **args),
+                                 launcher=launcher, env={'OMP_NUM_THREADS': '1'}))
     assert 'over 2 processes' in result.stdout
     one, two = train_losses(single), train_losses(double)
     assert sorted(one) == sorted(two) == list(range(1, 9))
