@@ -3,7 +3,7 @@ Compare training runs the way the Sophia question is asked: does Sophia-G reach 
 validation loss in fewer iterations, tokens and seconds than a tuned AdamW?
 
     python compare.py out-sophiag-small out-adam-small-lr6e-4 out-adam-small-lr1e-3
-    python compare.py RUN [RUN ...] [--baseline NAME_OR_INDEX] [--target LOSS] [--out assets/compare]
+    python compare.py RUN [RUN ...] [--baseline NAME_OR_INDEX] [--target LOSS] [--out out-compare/]
 
 A RUN is a run's out_dir (or the metrics.jsonl inside it), or a wandb offline run folder
 (wandb/offline-run-YYYYMMDD_HHMMSS-<id>/, or the run-<id>.wandb file in it).
@@ -11,6 +11,10 @@ A RUN is a run's out_dir (or the metrics.jsonl inside it), or a wandb offline ru
 It writes two PNGs (val loss and train loss, each against iterations, tokens and wall-clock
 seconds) and prints a table: final and best val loss, the iterations / tokens / seconds each run
 needs to reach a target val loss, and the speed-up over the baseline run on each of those axes.
+Every loss is the mean cross-entropy per token in nats (natural log), as the training scripts log
+it. The train loss plotted is the logged `loss` of the train rows (the mean over the iterations
+of each log interval), not the eval's estimate on eval_iters batches. Runs are labelled by their
+run name, or by their out_dir where several share one (a config run with different overrides).
 
 The baseline defaults to the AdamW run with the lowest val loss (the tuned one, when several
 AdamW learning rates were tried), else the first run; the target defaults to the baseline's best
@@ -19,8 +23,8 @@ between the last eval point above the target and the first one at or below it (o
 separately), so evals every 1000 iterations do not round a crossing up to the next eval.
 
 Everything below is importable (no side effects at import) for a study script:
-load_run, iters_to_target / tokens_to_target / seconds_to_target, comparison_table,
-format_table, plot_runs.
+load_run, iters_to_target / tokens_to_target / seconds_to_target, run_labels, comparison_table,
+format_table, loss_figure, plot_runs.
 """
 
 import argparse
@@ -37,8 +41,13 @@ from matplotlib.ticker import NullFormatter
 
 # the three axes every comparison is made on: (row key, axis label)
 AXES = [("iter", "iterations"), ("tokens", "tokens"), ("time", "wall-clock seconds")]
-# keys the training scripts log (metrics.jsonl and wandb alike)
-VAL_LOSS, EVAL_TRAIN_LOSS, TRAIN_LOSS = "val/loss", "train/loss", "loss"
+# keys the training scripts log (metrics.jsonl and wandb alike): the eval's val loss, and the train
+# rows' loss, the mean over the iterations since the previous train row. The eval rows' train/loss
+# (measured on eval_iters batches at the eval) is not used: the train rows are denser and what
+# the optimizer actually saw.
+VAL_LOSS, TRAIN_LOSS = "val/loss", "loss"
+# what every loss here is, stated once per table and per plot
+LOSS_UNITS = "mean cross-entropy per token, in nats (natural log)"
 
 
 class CompareError(ValueError):
@@ -318,23 +327,49 @@ def pick_baseline(runs, name_or_index=None):
                        f"pass one of {names} or a position from 0 to {len(runs) - 1}")
 
 
+def run_labels(runs):
+    """One label per run, all distinct, for table rows and legends. A run's name when no other run
+    has it; runs sharing a name (one config, different --key=value overrides) are told apart by
+    their out_dir's folder name, or by as many of its trailing folders as that takes. A label still
+    repeated (the same folder passed twice) gets the run's position among `runs`."""
+    labels = [run.name for run in runs]
+    # the folder a run was read from: its out_dir, or its wandb offline-run-* folder
+    folders = [os.path.dirname(os.path.abspath(run.path)).split(os.sep) for run in runs]
+    for name in set(labels):
+        group = [i for i, label in enumerate(labels) if label == name]
+        if len(group) == 1:
+            continue
+        for i in group:
+            # the fewest trailing folders that no other folder of the group ends with; a label with
+            # more folders than another cannot equal it, so the group's labels are all distinct
+            others = [folders[j] for j in group if folders[j] != folders[i]]
+            depth = next(d for d in range(1, len(folders[i]) + 1)
+                         if all(other[-d:] != folders[i][-d:] for other in others))
+            labels[i] = "/".join(folders[i][-depth:])
+    repeated = {label for label in labels if labels.count(label) > 1}
+    return [f"{label} [{i}]" if label in repeated else label for i, label in enumerate(labels)]
+
+
 def comparison_table(runs, baseline=None, target=None):
-    """One dict per run: name, optimizer, final / best val loss, iterations / tokens / seconds to
-    reach `target`, and speed-ups (baseline's amount / the run's amount) on each axis. None where
-    a run has no val loss or never reaches the target. `baseline` is a Run, a name, a position,
-    or None (see pick_baseline); `target` defaults to the baseline's best val loss."""
+    """One dict per run: its label (run_labels), optimizer, final / best val loss, iterations /
+    tokens / seconds to reach `target`, and speed-ups (baseline's amount / the run's amount) on
+    each axis. None where a run has no val loss or never reaches the target. `baseline` is a Run,
+    a name, a position, or None (see pick_baseline); `target` defaults to the baseline's best val
+    loss."""
     if not isinstance(baseline, Run):
         baseline = pick_baseline(runs, baseline)
+    labels = run_labels(runs)
+    baseline_label = next((label for run, label in zip(runs, labels) if run is baseline), baseline.name)
     if best_val_loss(baseline) is None:
-        raise CompareError(f"baseline run {baseline.name!r} logged no val loss; "
+        raise CompareError(f"baseline run {baseline_label!r} logged no val loss; "
                            "pick another with --baseline")
     if target is None:
         target = best_val_loss(baseline)
     baseline_amounts = {axis: to_target(baseline, target, axis) for axis, _ in AXES}
     rows = []
-    for run in runs:
-        row = {"run": run.name, "optimizer": run.optimizer, "is_baseline": run is baseline,
-               "baseline": baseline.name, "target": target,
+    for run, label in zip(runs, labels):
+        row = {"run": label, "optimizer": run.optimizer, "is_baseline": run is baseline,
+               "baseline": baseline_label, "target": target,
                "final_val_loss": final_val_loss(run), "best_val_loss": best_val_loss(run)}
         for axis, name in [("iter", "iters"), ("tokens", "tokens"), ("time", "seconds")]:
             amount = to_target(run, target, axis)
@@ -367,8 +402,8 @@ def _duration(seconds):
 COLUMNS = [  # (row key, header, formatter)
     ("run", "run", str),
     ("optimizer", "optimizer", str),
-    ("final_val_loss", "final val", "{:.4f}".format),
-    ("best_val_loss", "best val", "{:.4f}".format),
+    ("final_val_loss", "final val (nats)", "{:.4f}".format),
+    ("best_val_loss", "best val (nats)", "{:.4f}".format),
     ("iters_to_target", "iters to target", lambda v: f"{round(v):,}"),
     ("tokens_to_target", "tokens to target", _si),
     ("seconds_to_target", "time to target", _duration),
@@ -380,7 +415,8 @@ COLUMNS = [  # (row key, header, formatter)
 
 def format_table(rows, markdown=False):
     """The rows of comparison_table as fixed-width text, or as a Markdown table (for a README),
-    followed by one line that states the target and how reaching it is measured."""
+    followed by one line that states what the losses are, the target and how reaching it is
+    measured."""
     headers = [header for _, header, _ in COLUMNS]
     cells = [["—" if row[key] is None else fmt(row[key]) for key, _, fmt in COLUMNS] for row in rows]
     for row, texts in zip(rows, cells):
@@ -388,7 +424,8 @@ def format_table(rows, markdown=False):
             texts[0] += " *"
     note = ""
     if rows:
-        note = (f"target: val loss {rows[0]['target']:.4f}; * = baseline ({rows[0]['baseline']}); "
+        note = (f"loss = {LOSS_UNITS}; target: val loss {rows[0]['target']:.4f}; "
+                f"* = baseline ({rows[0]['baseline']}); "
                 "speed-up = baseline's amount / run's amount; reached = first crossing, linearly "
                 "interpolated between evals; — = never reached / not logged")
     if markdown:
@@ -420,32 +457,43 @@ def _y_limits(curves):
 
 
 LINE_STYLES = {"sophiag": "-", "adamw": "--"}  # other optimizers dotted
+# each plot: (the Run attribute holding its rows, the loss key in them, name, how it is averaged)
+PLOTS = {
+    "val": ("eval", VAL_LOSS, "val loss", "on the same eval_iters batches at every eval"),
+    "train": ("train", TRAIN_LOSS, "train loss", "averaged over each log interval's iterations"),
+}
 
 
-def _plot_panel_row(runs, y_key, y_label, path, target=None, log_x=False, title=None):
+def loss_figure(runs, which, target=None, log_x=False, title=None, target_label=None):
+    """The figure of the `which` ("val" or "train") loss, three panels: against iterations, tokens
+    and wall-clock seconds, one curve per run labelled as in run_labels (Sophia solid, AdamW
+    dashed). A dotted line marks `target`, labelled `target_label` (default: its value). None
+    when no run has a point to plot."""
+    rows_attribute, y_key, name, averaging = PLOTS[which]
+    labels = run_labels(runs)
     figure = Figure(figsize=(15, 4.5), layout="constrained")
     panels = figure.subplots(1, len(AXES))
     plotted = False
     for panel, (x_key, x_label) in zip(panels, AXES):
         curves = []
-        for i, run in enumerate(runs):
-            rows, key = run.eval, y_key
-            if y_key == EVAL_TRAIN_LOSS and not any(EVAL_TRAIN_LOSS in row for row in rows):
-                rows, key = run.train, TRAIN_LOSS  # no eval-time train loss: the per-step loss
-            points = [(row[x_key], row[key]) for row in rows if x_key in row and key in row]
+        for i, (run, label) in enumerate(zip(runs, labels)):
+            rows = getattr(run, rows_attribute)
+            points = [(row[x_key], row[y_key]) for row in rows if x_key in row and y_key in row]
             if not points:
                 continue
             xs, ys = [x for x, _ in points], [y for _, y in points]
             curves.append((xs, ys))
-            known = run.optimizer != "unknown" and run.optimizer not in run.name.lower()
-            label = f"{run.name} ({run.optimizer})" if known else run.name
+            if run.optimizer != "unknown" and run.optimizer not in label.lower():
+                label = f"{label} ({run.optimizer})"
+            # color by position among the runs, so a run keeps its color in every panel
             panel.plot(xs, ys, LINE_STYLES.get(run.optimizer, ":"), color=f"C{i % 10}", label=label)
         if not curves:
             panel.text(0.5, 0.5, f"no run logged {x_label}", ha="center", transform=panel.transAxes)
             continue
         plotted = True
         if target is not None:
-            panel.axhline(target, color="gray", linewidth=0.8, linestyle=":")
+            panel.axhline(target, color="gray", linewidth=0.8, linestyle=":",
+                          label=target_label or f"target: val loss {target:.4f}")
         low, high = _y_limits(curves)
         if target is not None:  # keep the target line in view, even when no run gets near it
             low, high = min(low, target - 0.02 * (high - low)), max(high, target)
@@ -454,32 +502,32 @@ def _plot_panel_row(runs, y_key, y_label, path, target=None, log_x=False, title=
             panel.set_xscale("log", nonpositive="mask")  # iteration 0 has no place on a log axis
             panel.xaxis.set_minor_formatter(NullFormatter())  # labels on 2x, 3x... overlap
         panel.set_xlabel(x_label)
-        panel.set_ylabel(y_label)
+        panel.set_ylabel(f"{name} (nats)")
         panel.grid(alpha=0.3)
         panel.legend(fontsize="small")
     if not plotted:
         return None
-    figure.suptitle(f"{title}: {y_label}" if title else y_label)
-    figure.savefig(path, dpi=100)
-    return path
+    heading = f"{name}: {LOSS_UNITS}, {averaging}"
+    figure.suptitle(f"{title}\n{heading}" if title else heading)
+    return figure
 
 
-def plot_runs(runs, out_prefix, target=None, log_x=False, title=None):
+def plot_runs(runs, out_prefix, target=None, log_x=False, title=None, target_label=None):
     """Write <out_prefix>_val_loss.png and <out_prefix>_train_loss.png (or val_loss.png and
-    train_loss.png inside out_prefix when it is a folder), each with three panels: loss against
-    iterations, tokens and wall-clock seconds, one curve per run (Sophia solid, AdamW dashed).
-    Train loss is the eval-time estimate (train/loss), or a run's logged per-step loss when it
-    has none. A dotted line marks `target` on the val plot. Returns the paths written."""
-    if out_prefix.endswith(os.sep) or os.path.isdir(out_prefix):
+    train_loss.png inside out_prefix when it is a folder): loss_figure of the val loss, with
+    `target` marked, and of the train rows' loss. Returns the paths written."""
+    if out_prefix.endswith(("/", os.sep)) or os.path.isdir(out_prefix):
         base = os.path.join(out_prefix, "")
     else:
         base = out_prefix + "_"
     os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
-    paths = [
-        _plot_panel_row(runs, VAL_LOSS, "val loss", base + "val_loss.png", target, log_x, title),
-        _plot_panel_row(runs, EVAL_TRAIN_LOSS, "train loss", base + "train_loss.png", None, log_x, title),
-    ]
-    return [path for path in paths if path]  # a plot no run has points for is not written
+    paths = []
+    for which, figure in [("val", loss_figure(runs, "val", target, log_x, title, target_label)),
+                          ("train", loss_figure(runs, "train", None, log_x, title))]:
+        if figure is not None:  # a plot no run has points for is not written
+            figure.savefig(base + f"{which}_loss.png", dpi=100)
+            paths.append(base + f"{which}_loss.png")
+    return paths
 
 
 # -----------------------------------------------------------------------------
@@ -494,8 +542,9 @@ def main(argv=None):
                              "among the RUNs from 0 (default: the AdamW run with the lowest val loss)")
     parser.add_argument("--target", type=float, default=None, metavar="LOSS",
                         help="the val loss to reach (default: the baseline's best val loss)")
-    parser.add_argument("--out", default="assets/compare",
-                        help="prefix of the PNG files written (default: assets/compare)")
+    parser.add_argument("--out", default="out-compare/",
+                        help="prefix of the PNG files written, or a folder ending in / "
+                             "(default: out-compare/, which git ignores)")
     parser.add_argument("--title", default=None, help="title above the plots")
     parser.add_argument("--log-x", action="store_true", help="logarithmic x axes")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -504,7 +553,7 @@ def main(argv=None):
         if args.target is not None and not math.isfinite(args.target):
             raise CompareError(f"--target {args.target} is not a finite loss; pass e.g. --target 3.0")
         runs = [load_run(path) for path in args.runs]
-        without_val = [run.name for run in runs if best_val_loss(run) is None]
+        without_val = [label for run, label in zip(runs, run_labels(runs)) if best_val_loss(run) is None]
         if len(without_val) == len(runs):
             raise CompareError("no run logged a val loss (no eval rows with val/loss); "
                                "let the runs train past their first eval interval")
@@ -514,7 +563,12 @@ def main(argv=None):
                   "val-loss plot and shows — in the table", file=sys.stderr)
         print(format_table(rows, markdown=args.markdown))
         target = rows[0]["target"]
-        for path in plot_runs(runs, args.out, target=target, log_x=args.log_x, title=args.title):
+        if args.target is None:
+            target_label = f"target: best val loss of {rows[0]['baseline']} = {target:.4f}"
+        else:
+            target_label = f"target: val loss {target:.4f} (--target)"
+        for path in plot_runs(runs, args.out, target=target, log_x=args.log_x, title=args.title,
+                              target_label=target_label):
             print(f"wrote {path}")
     except CompareError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)

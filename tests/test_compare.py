@@ -201,6 +201,96 @@ def test_format_table_plain_and_markdown(tmp_path):
     assert "| sophia | sophiag | 2.9000 | 2.9000 | 250 | 250k | 5.0 min | 1.60x | 1.60x | 1.33x |" in markdown
 
 
+def panel_curves(figure):
+    """{label: (xs, ys)} of every line in each panel of a loss_figure, one dict per panel."""
+    return [{line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in panel.get_lines()}
+            for panel in figure.axes]
+
+
+def legend_texts(figure):
+    return [[text.get_text() for text in panel.get_legend().get_texts()] for panel in figure.axes]
+
+
+def test_runs_sharing_a_name_are_labelled_by_their_out_dir(tmp_path):
+    # one config run three times with different overrides: all three log run_name "sweep"
+    paths = []
+    for folder, final in [("out-sweep-lr1e-3", 3.2), ("out-sweep-lr3e-3", 3.0), ("nested/out-sweep-lr3e-3", 3.1)]:
+        lines = [config_line("sweep", "sophiag"), eval_line(0, 6.0), eval_line(100, final),
+                 train_line(0, 6.0), train_line(100, final)]
+        paths.append(write_log(str(tmp_path / folder), lines))
+    paths.append(write_log(str(tmp_path / "out-adam"), [config_line("adamw-tuned", "adamw"),
+                                                         eval_line(0, 6.0), eval_line(100, 3.0)]))
+    runs = [compare.load_run(path) for path in paths]
+    # the folder name where it is unique, a trailing path where folder names collide too, and
+    # the run name where no other run shares it
+    expected = ["out-sweep-lr1e-3", f"{tmp_path.name}/out-sweep-lr3e-3", "nested/out-sweep-lr3e-3", "adamw-tuned"]
+    assert compare.run_labels(runs) == expected
+    rows = compare.comparison_table(runs)
+    assert [row["run"] for row in rows] == expected and rows[0]["baseline"] == "adamw-tuned"
+    table = compare.format_table(rows).splitlines()
+    assert [line.split()[0] for line in table[2:6]] == expected
+    for which in ["val", "train"]:
+        figure = compare.loss_figure(runs, which)
+        for texts in legend_texts(figure):
+            assert [text.split(" (")[0] for text in texts] == (expected if which == "val" else expected[:3])
+    # the same folder given twice cannot be told apart by its path: its position among the runs
+    assert compare.run_labels([runs[0], runs[0], runs[3]]) == [
+        "out-sweep-lr1e-3 [0]", "out-sweep-lr1e-3 [1]", "adamw-tuned"]
+
+
+def test_target_line_is_labelled(tmp_path, capsys, monkeypatch):
+    # spy on the figures main() makes, then check the val plot's target line and legend
+    figures = {}
+    real_loss_figure = compare.loss_figure
+
+    def keep_figure(runs, which, *args, **kwargs):
+        figures[which] = real_loss_figure(runs, which, *args, **kwargs)
+        return figures[which]
+
+    monkeypatch.setattr(compare, "loss_figure", keep_figure)
+    paths = write_study(tmp_path)
+    out = ["--out", str(tmp_path / "plots")]
+    for argv, label in [([], "target: best val loss of adamw-good = 3.0000"),
+                        (["--target", "3.5"], "target: val loss 3.5000 (--target)")]:
+        assert run_main(capsys, [*paths, *out, *argv])[0] == 0
+        target = 3.5 if argv else 3.0
+        for curves, texts in zip(panel_curves(figures["val"]), legend_texts(figures["val"])):
+            assert curves[label][1] == [target, target] and label in texts
+        assert not any(text.startswith("target") for texts in legend_texts(figures["train"]) for text in texts)
+    # without a label from the caller, the line still says what it is
+    runs = [compare.load_run(path) for path in paths]
+    assert "target: val loss 3.2500" in legend_texts(compare.loss_figure(runs, "val", target=3.25))[0]
+
+
+def test_train_plot_uses_the_logged_train_rows(tmp_path):
+    # the train rows' loss (mean over each log interval) and the evals' train/loss differ on
+    # purpose: only the former belongs on the train plot
+    lines = [config_line("r", "sophiag")]
+    lines += [eval_line(i, loss, time=2.0 * i) for i, loss in [(0, 6.0), (100, 4.0), (200, 3.0)]]
+    lines += [train_line(i, 5.5 - i / 100, time=2.0 * i) for i in range(10, 201, 10)]
+    runs = [compare.load_run(write_log(str(tmp_path / "out-r"), lines))]
+    # a run that logged evals only has nothing to draw on the train plot
+    runs.append(compare.load_run(write_log(str(tmp_path / "out-e"), [config_line("e", "adamw"), eval_line(0, 6.0)])))
+    expected_ys = [5.5 - i / 100 for i in range(10, 201, 10)]
+    for panel, (x_key, _) in zip(panel_curves(compare.loss_figure(runs, "train")), compare.AXES):
+        assert list(panel) == ["r (sophiag)"]
+        xs, ys = panel["r (sophiag)"]
+        assert xs == [row[x_key] for row in runs[0].train] and ys == pytest.approx(expected_ys)
+    # the val plot, for contrast, has the eval points
+    assert panel_curves(compare.loss_figure(runs, "val"))[0]["r (sophiag)"][1] == [6.0, 4.0, 3.0]
+
+
+def test_loss_units_are_stated(tmp_path):
+    runs = [compare.load_run(path) for path in write_study(tmp_path)]
+    header, *_, note = compare.format_table(compare.comparison_table(runs)).splitlines()
+    assert "final val (nats)" in header and "best val (nats)" in header
+    assert note.startswith("loss = mean cross-entropy per token, in nats (natural log);")
+    for which in ["val", "train"]:
+        figure = compare.loss_figure(runs, which, title="t")
+        assert [panel.get_ylabel() for panel in figure.axes] == [f"{which} loss (nats)"] * 3
+        assert f"{which} loss: mean cross-entropy per token, in nats (natural log)" in figure.get_suptitle()
+
+
 def test_y_limits_ignore_the_first_huge_losses():
     low, high = compare._y_limits([([0, 100, 200, 300, 400], [10.9, 4.0, 3.5, 3.2, 3.0]),
                                    ([0, 100, 200], [10.9, 4.2, 3.8])])
@@ -226,6 +316,18 @@ def test_cli_end_to_end(tmp_path):
         with open(path, "rb") as f:
             assert f.read(8) == PNG_SIGNATURE
         assert os.path.getsize(path) > 10_000  # three panels of curves, not an empty canvas
+
+
+def test_plots_go_to_git_ignored_folders_by_default_and_in_the_readme(tmp_path, capsys, monkeypatch):
+    # assets/ is tracked (the study's committed plots): a plain run must not write there
+    paths = write_study(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    status, out, _ = run_main(capsys, paths)
+    assert status == 0 and "wrote out-compare/val_loss.png" in out
+    assert sorted(os.listdir(tmp_path / "out-compare")) == ["train_loss.png", "val_loss.png"]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        examples = [line for line in f if line.startswith("python compare.py")]
+    assert examples and all(" --out=out-" in line for line in examples)  # .gitignore has out*/
 
 
 def test_cli_exit_status_2_for_a_missing_path(tmp_path):
@@ -355,6 +457,9 @@ def test_wandb_offline_run(wandb_run_folder):
             (0, 6.0), (100, 5.0), (200, 4.0), (800, 2.5)]
         assert [row["iter"] for row in run.train] == list(range(0, 300, 10)) + list(range(300, 800))
         assert all("mfu" not in row and "pad" not in row for row in run.train)  # NaN and text dropped
+        # the train plot draws the logged per-interval loss, not the evals' train/loss
+        train_ys = panel_curves(compare.loss_figure([run], "train"))[0]["sophia-wandb (sophiag)"][1]
+        assert train_ys == pytest.approx([6.0 - i / 100 for i in range(0, 300, 10)] + [3.0] * 500)
         assert compare.iters_to_target(run, 4.5) == pytest.approx(150.0)
         assert compare.seconds_to_target(run, 4.5) == pytest.approx(225.0)
 

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pickle
+import platform
 import subprocess
 import sys
 import sysconfig
@@ -82,6 +83,19 @@ def read_bin(path):
     return np.fromfile(path, dtype=np.uint16)
 
 
+# every HTTP(S) request goes to a closed local port: a download fails at once, network or not
+CLOSED_PROXY = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+                "no_proxy": "", "NO_PROXY": ""}
+
+
+def check_user_error(result, *fragments):
+    """The repository's rule for a mistake the user can fix: exit status 2, one 'error:' line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and all(f in lines[0] for f in fragments), lines[0]
+    return lines[0]
+
+
 def offline_env(ranks_file, tmp_path):
     """Environment for a BPE prepare run: local ranks, a private HF cache, hub access off."""
     return {"GPT2_RANKS_FILE": ranks_file, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
@@ -120,8 +134,7 @@ def test_malformed_ranks_file_is_one_clear_line(tmp_path, monkeypatch, contents,
     text.write_text("some text\n" * 10)
     result = run_script("shakespeare", "--input", text, "--out_dir", tmp_path / "out",
                         env={"GPT2_RANKS_FILE": str(bad)})
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    assert check_user_error(result) == f"error: {message}"
     assert not (tmp_path / "out" / "train.bin").exists()
 
 
@@ -165,6 +178,11 @@ def test_stdlib_char_outputs(stdlib_run):
     assert meta["vocab_size"] == len(meta["stoi"]) == len(meta["itos"]) <= 256
     assert max(train.max(), val.max()) < meta["vocab_size"]
     assert f"train has {len(train):,} tokens" in stdout and f"vocab size: {meta['vocab_size']}" in stdout
+    # the corpus is this interpreter's stdlib, so its version and implementation say which corpus
+    assert (meta["python_version"], meta["python_implementation"]) == (
+        platform.python_version(), platform.python_implementation())
+    assert meta["stdlib"] == sysconfig.get_paths()["stdlib"]
+    assert f"the standard library of {platform.python_implementation()} {platform.python_version()}" in stdout
     # no file from a test folder or site-packages, and no file on both sides of the split
     files = meta["train_files"] + meta["val_files"]
     assert not any(EXCLUDED & set(name.split("/")[:-1]) for name in files)
@@ -211,14 +229,18 @@ def test_stdlib_char_selection_rules(tmp_path, capsys):
     assert "é" not in meta["stoi"] and "\ufffd" in meta["stoi"]
     text = "".join(meta["itos"][i] for i in read_bin(tmp_path / "out" / "train.bin").tolist() +
                    read_bin(tmp_path / "out" / "val.bin").tolist())
-    assert "x = '\ufffd'\n" in text and "rare" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "x = '\ufffd'\n" in text and "rare" in out
+    # a tree other than this interpreter's stdlib: no Python version it might not be
+    assert (meta["stdlib"], meta["python_version"], meta["python_implementation"]) == (str(root), None, None)
+    assert "no Python version recorded" in out
     # with --min_count 1 every character present is kept
     prepare.main(["--stdlib", str(root), "--out_dir", str(tmp_path / "out1"), "--min_count", "1"])
     with open(tmp_path / "out1" / "meta.pkl", "rb") as f:
         assert "é" in pickle.load(f)["stoi"]
 
 
-def test_stdlib_bpe_has_the_files_and_split_of_stdlib_char(gpt2_ranks_file, tmp_path, monkeypatch):
+def test_stdlib_bpe_has_the_files_and_split_of_stdlib_char(gpt2_ranks_file, tmp_path, monkeypatch, capsys):
     # data/stdlib: the same fake tree as above, GPT-2 BPE per file, each file closed by EOT
     monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
     root = tmp_path / "lib"
@@ -248,14 +270,56 @@ def test_stdlib_bpe_has_the_files_and_split_of_stdlib_char(gpt2_ranks_file, tmp_
         assert ids == expected, split
         assert f"{split} has {len(ids):,} tokens" in result.stdout
     assert sorted(os.listdir(tmp_path / "bpe")) == ["meta.pkl", "train.bin", "val.bin"]
+    assert (meta["python_version"], meta["python_implementation"]) == (None, None)
+    # the same tree standing in for this interpreter's stdlib: its version is recorded and printed
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    load_script("stdlib").main(["--out_dir", str(tmp_path / "own")])
+    with open(tmp_path / "own" / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    assert (meta["stdlib"], meta["python_version"], meta["python_implementation"]) == (
+        str(root), platform.python_version(), platform.python_implementation())
+    assert f"{platform.python_implementation()} {platform.python_version()}" in capsys.readouterr().out
 
 
 def test_stdlib_bpe_without_ranks_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_RANKS_FILE", str(tmp_path / "missing.tiktoken"))
     result = run_script("stdlib", "--out_dir", tmp_path / "out")
-    assert result.returncode != 0 and not (tmp_path / "out").exists()
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: GPT2_RANKS_FILE=") and "cannot be read" in lines[0]
+    check_user_error(result, "error: GPT2_RANKS_FILE=", "cannot be read")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["stdlib", "shakespeare"])
+def test_gpt2_ranks_unreachable_is_one_line_and_overwrites_nothing(tmp_path, name):
+    # no GPT2_RANKS_FILE, no tiktoken cache, and the download refused: what an offline machine sees
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for file in ("train.bin", "val.bin", "meta.pkl"):
+        (out_dir / file).write_bytes(b"an earlier run's " + file.encode())
+    text = tmp_path / "input.txt"
+    text.write_text(SAMPLE_TEXT)
+    args = ["--out_dir", out_dir] + (["--input", text] if name == "shakespeare" else [])
+    result = run_script(name, *args, env={"GPT2_RANKS_FILE": "", "TIKTOKEN_CACHE_DIR": "", **CLOSED_PROXY})
+    check_user_error(result, "could not load tiktoken's gpt2 encoding", "GPT2_RANKS_FILE")
+    for file in ("train.bin", "val.bin", "meta.pkl"):
+        assert (out_dir / file).read_bytes() == b"an earlier run's " + file.encode()
+    assert sorted(os.listdir(out_dir)) == ["meta.pkl", "train.bin", "val.bin"]
+
+
+@pytest.mark.parametrize("name, args, complaint", [
+    ("stdlib_char", ["--stdlib", "{tmp}/no-such-lib"], "is not a directory"),
+    ("stdlib_char", ["--min_count", "0"], "--min_count must be >= 1"),
+    ("stdlib_char", ["--stdlib", "{tmp}/tiny-lib"], "falls into val"),
+    ("stdlib", ["--stdlib", "{tmp}/no-such-lib"], "is not a directory"),
+    ("stdlib", ["--num_threads", "0"], "--num_threads must be >= 1"),
+    ("shakespeare_char", ["--input", "{tmp}/missing.txt"], "--input"),
+    ("shakespeare", ["--input", "{tmp}/missing.txt"], "--input"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, name, args, complaint):
+    (tmp_path / "tiny-lib").mkdir()
+    (tmp_path / "tiny-lib" / "mod1.py").write_text("x = 1\n")  # one file, on the train side
+    result = run_script(name, *[a.format(tmp=tmp_path) for a in args], "--out_dir", tmp_path / "out")
+    check_user_error(result, complaint)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
 # ----------------------------------------------------------------------------- openwebtext
@@ -412,14 +476,10 @@ def test_shakespeare_bpe_on_local_input(gpt2_ranks_file, tmp_path, monkeypatch):
     assert tokenizer.load_meta(tmp_path / "out") == {"vocab_size": 50257, "tokenizer": "gpt2"}
 
 
-def test_shakespeare_download_failure_is_one_line(tmp_path):
-    # every HTTPS request goes to a closed local port: the download fails at once, network or not
-    closed_port = "http://127.0.0.1:9"
-    proxy = {"https_proxy": closed_port, "HTTPS_PROXY": closed_port, "no_proxy": "", "NO_PROXY": ""}
-    result = run_script("shakespeare_char", "--out_dir", tmp_path, env=proxy)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: could not download") and "--input" in lines[0]
+@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare"])
+def test_shakespeare_download_failure_is_one_line(tmp_path, name):
+    result = run_script(name, "--out_dir", tmp_path, env=CLOSED_PROXY)
+    check_user_error(result, "error: could not download", "--input")
     assert os.listdir(tmp_path) == []  # no partial input.txt to be mistaken for the text later
 
 

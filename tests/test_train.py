@@ -136,6 +136,7 @@ def test_wandb_offline_writes_a_run_that_compare_reads(tmp_path, dataset):
     import compare
     from_wandb, from_log = compare.load_run(runs[0]), compare.load_run(out)
     assert [r['val/loss'] for r in from_wandb.eval] == pytest.approx([r['val/loss'] for r in from_log.eval])
+    assert from_log.train and [r['loss'] for r in from_wandb.train] == pytest.approx([r['loss'] for r in from_log.train])
     shutil.rmtree(out)
 
 def test_model_vocabulary_pads_gpt2_bpe_only():

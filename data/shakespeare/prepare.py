@@ -24,6 +24,13 @@ from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
+def fail(message):
+    """A mistake the user can fix (no network, a missing file): one line naming the cause and the
+    fix, exit status 2, nothing overwritten."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def download(url, path):
     """Fetch url into path (via a temporary name, so a broken download is never mistaken for the text)."""
     try:
@@ -32,8 +39,8 @@ def download(url, path):
     except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        sys.exit(f"error: could not download {url} ({getattr(e, 'reason', e)}); "
-                 "pass --input path/to/input.txt to use a local copy")
+        fail(f"could not download {url} ({getattr(e, 'reason', e)}); "
+             "pass --input path/to/input.txt to use a local copy")
     os.replace(path + ".tmp", path)
 
 
@@ -48,11 +55,11 @@ def main(argv=None):
     if args.input is None and not os.path.exists(input_path):
         download(URL, input_path)
     if not os.path.isfile(input_path):
-        sys.exit(f"error: --input {input_path} does not exist")
+        fail(f"--input {input_path} does not exist; pass a text file, or leave --input out to download")
     try:
         enc = gpt2_encoding()
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError, RuntimeError) as e:  # each names the cause and the fix
+        fail(str(e))
     with open(input_path, encoding="utf-8") as f:
         data = f.read()
     print(f"length of dataset in characters: {len(data):,}")

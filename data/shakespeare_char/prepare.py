@@ -18,6 +18,13 @@ from tqdm import tqdm
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
+def fail(message):
+    """A mistake the user can fix (no network, a missing file): one line naming the cause and the
+    fix, exit status 2, nothing overwritten."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def download(url, path):
     """Fetch url into path (via a temporary name, so a broken download is never mistaken for the text)."""
     try:
@@ -26,8 +33,8 @@ def download(url, path):
     except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        sys.exit(f"error: could not download {url} ({getattr(e, 'reason', e)}); "
-                 "pass --input path/to/input.txt to use a local copy")
+        fail(f"could not download {url} ({getattr(e, 'reason', e)}); "
+             "pass --input path/to/input.txt to use a local copy")
     os.replace(path + ".tmp", path)
 
 
@@ -42,7 +49,7 @@ def main(argv=None):
     if args.input is None and not os.path.exists(input_path):
         download(URL, input_path)
     if not os.path.isfile(input_path):
-        sys.exit(f"error: --input {input_path} does not exist")
+        fail(f"--input {input_path} does not exist; pass a text file, or leave --input out to download")
     with open(input_path, encoding="utf-8") as f:
         data = f.read()
     print(f"length of dataset in characters: {len(data):,}")
@@ -51,7 +58,8 @@ def main(argv=None):
     chars = sorted(set(data))
     vocab_size = len(chars)
     if vocab_size >= 2**16:
-        sys.exit(f"error: {vocab_size:,} distinct characters do not fit uint16 ids")
+        fail(f"{vocab_size:,} distinct characters do not fit uint16 ids; use the GPT-2 BPE version, "
+             "data/shakespeare/prepare.py")
     print(f"all the unique characters: {''.join(chars)!r}")
     print(f"vocab size: {vocab_size:,}")
     stoi = {ch: i for i, ch in enumerate(chars)}

@@ -3,12 +3,13 @@ The corpus of data/stdlib_char (the Python standard library's own source code, n
 tokenized with GPT-2 BPE instead of characters: real text for the GPT-2 configs where OpenWebText
 is not at hand, e.g. to check a GPU setup or measure throughput before the long download. Writes
 train.bin and val.bin (np.uint16 GPT-2 token ids, each file followed by <|endoftext|> = 50256) and
-meta.pkl ({'vocab_size': 50257, 'tokenizer': 'gpt2', ...}) into --out_dir.
+meta.pkl ({'vocab_size': 50257, 'tokenizer': 'gpt2', ...}, with the file lists and the Python
+version and implementation the corpus came from) into --out_dir.
 
 The files, their order, the "# file: ..." headers and the train/val split are exactly those of
 data/stdlib_char/prepare.py. On CPython 3.11.7 (Linux): 734 files, 12.1 MB, train 5,425,673
-tokens, val 241,252 tokens, in about 4 seconds on 2 cores. Offline: set GPT2_RANKS_FILE (see
-tokenizer.py).
+tokens, val 241,252 tokens, in about 4 seconds on 2 cores; other Python versions give another
+corpus. Offline: set GPT2_RANKS_FILE (see tokenizer.py).
 
     $ python data/stdlib/prepare.py
     $ python train_sophiag.py config/train_gpt2_small_sophiag.py --dataset=stdlib
@@ -39,6 +40,13 @@ def char_prepare():
     return module
 
 
+def fail(message):
+    """A mistake the user can fix (a bad argument, no GPT-2 ranks offline): one line naming it,
+    exit status 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=HERE,
@@ -49,13 +57,13 @@ def main(argv=None):
                         help="tokenizer threads (default: every core)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.stdlib):
-        sys.exit(f"error: --stdlib {args.stdlib} is not a directory")
+        fail(f"--stdlib {args.stdlib} is not a directory; pass the root of a Python source tree")
     if args.num_threads < 1:
-        sys.exit(f"error: --num_threads must be >= 1, got {args.num_threads}")
+        fail(f"--num_threads must be >= 1, got {args.num_threads}")
     try:
         enc = gpt2_encoding()
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError, RuntimeError) as e:  # each names the cause and the fix
+        fail(str(e))
 
     rules = char_prepare()
     files = rules.stdlib_files(args.stdlib)
@@ -63,8 +71,8 @@ def main(argv=None):
               "val": [f for f in files if rules.is_val_file(f)]}
     for split, names in splits.items():
         if not names:
-            sys.exit(f"error: no *.py file under {args.stdlib} falls into {split} (val takes files whose "
-                     "crc32(relative path) % 20 == 0); point --stdlib at a larger tree")
+            fail(f"no *.py file under {args.stdlib} falls into {split} (val takes files whose "
+                 "crc32(relative path) % 20 == 0); point --stdlib at a larger tree")
 
     tokens = {}
     for split, names in splits.items():
@@ -78,8 +86,8 @@ def main(argv=None):
         ids = enc.encode_ordinary_batch(documents, num_threads=args.num_threads)
         tokens[split] = np.concatenate([np.array(d + [enc.eot_token], dtype=np.uint16) for d in ids])
 
-    meta = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "python_version": sys.version.split()[0],
-            "train_files": splits["train"], "val_files": splits["val"]}
+    meta = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "train_files": splits["train"],
+            "val_files": splits["val"], **rules.corpus_source(args.stdlib)}
     # temporary names first, renamed only when all three are written: an interrupted run leaves
     # neither a train.bin that looks complete nor bins that disagree with meta.pkl
     os.makedirs(args.out_dir, exist_ok=True)
@@ -101,7 +109,8 @@ def main(argv=None):
     for tmp, path in outputs.items():
         os.replace(tmp, path)
 
-    print(f"{len(files):,} files ({len(splits['train']):,} train, {len(splits['val']):,} val) from {args.stdlib}")
+    print(f"{len(files):,} files ({len(splits['train']):,} train, {len(splits['val']):,} val) from "
+          f"{rules.describe_source(meta)}")
     for split, ids in tokens.items():
         print(f"{split} has {len(ids):,} tokens")
 

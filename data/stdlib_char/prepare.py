@@ -1,10 +1,11 @@
 """
 Character-level corpus that needs no download: the Python standard library's own source code, read
 from the interpreter that runs this script. Writes train.bin and val.bin (np.uint16 character ids)
-and meta.pkl (vocab_size, stoi, itos, the placeholder character and the file lists) into --out_dir.
-Takes about a second. On CPython 3.11.7 (Linux): 734 files, 12.1 MB, a vocabulary of 100
-characters, train 11,597,338 tokens (695 files), val 540,521 tokens (39 files); other Python
-versions give other counts.
+and meta.pkl (vocab_size, stoi, itos, the placeholder character, the file lists, and the Python
+version and implementation the corpus came from) into --out_dir. Takes about a second. On CPython
+3.11.7 (Linux): 734 files, 12.1 MB, a vocabulary of 100 characters, train 11,597,338 tokens (695
+files), val 540,521 tokens (39 files). Other Python versions give another corpus, so other counts
+and other losses: compare runs only on corpora from the same version.
 
 The rules, chosen so two runs on the same interpreter give identical bytes:
 - every *.py file under sysconfig's stdlib directory, except any file below a folder named
@@ -23,6 +24,7 @@ The rules, chosen so two runs on the same interpreter give identical bytes:
 import argparse
 import os
 import pickle
+import platform
 import sys
 import sysconfig
 import zlib
@@ -45,6 +47,28 @@ def is_val_file(rel_path):
     return zlib.crc32(rel_path.encode("utf-8")) % 20 == 0
 
 
+def corpus_source(root):
+    """Where the corpus came from, for meta.pkl: the tree read, and the Python version and
+    implementation whose standard library it is. The version is known only for this interpreter's
+    own stdlib; a --stdlib tree from elsewhere records None rather than a version it may not be."""
+    own = os.path.realpath(root) == os.path.realpath(sysconfig.get_paths()["stdlib"])
+    return {"stdlib": os.path.abspath(root),
+            "python_version": platform.python_version() if own else None,
+            "python_implementation": platform.python_implementation() if own else None}
+
+
+def describe_source(source):
+    if source["python_version"] is None:
+        return f"{source['stdlib']} (not this interpreter's standard library: no Python version recorded)"
+    return f"the standard library of {source['python_implementation']} {source['python_version']} ({source['stdlib']})"
+
+
+def fail(message):
+    """A mistake the user can fix: one line naming it, exit status 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)),
@@ -55,16 +79,16 @@ def main(argv=None):
                         help="characters seen fewer times than this become the placeholder U+FFFD")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.stdlib):
-        sys.exit(f"error: --stdlib {args.stdlib} is not a directory")
+        fail(f"--stdlib {args.stdlib} is not a directory; pass the root of a Python source tree")
     if args.min_count < 1:
-        sys.exit(f"error: --min_count must be >= 1, got {args.min_count}")
+        fail(f"--min_count must be >= 1, got {args.min_count}")
 
     files = stdlib_files(args.stdlib)
     splits = {"train": [f for f in files if not is_val_file(f)], "val": [f for f in files if is_val_file(f)]}
     for split, names in splits.items():
         if not names:
-            sys.exit(f"error: no *.py file under {args.stdlib} falls into {split} (val takes files whose "
-                     "crc32(relative path) % 20 == 0); point --stdlib at a larger tree")
+            fail(f"no *.py file under {args.stdlib} falls into {split} (val takes files whose "
+                 "crc32(relative path) % 20 == 0); point --stdlib at a larger tree")
 
     # read every file once, in order; the text of a split is its files, each behind its header line
     texts = {split: [] for split in splits}
@@ -101,7 +125,7 @@ def main(argv=None):
         "stoi": stoi,
         "placeholder": PLACEHOLDER,
         "min_count": args.min_count,
-        "python_version": sys.version.split()[0],
+        **corpus_source(args.stdlib),  # the corpus, its size and the losses depend on the version
         "train_files": splits["train"],
         "val_files": splits["val"],
     }
@@ -126,7 +150,8 @@ def main(argv=None):
     for tmp, path in outputs.items():
         os.replace(tmp, path)
 
-    print(f"{len(files):,} files ({len(splits['train']):,} train, {len(splits['val']):,} val) from {args.stdlib}")
+    print(f"{len(files):,} files ({len(splits['train']):,} train, {len(splits['val']):,} val) from "
+          f"{describe_source(meta)}")
     print(f"vocab size: {vocab_size:,} ({replaced:,} rare characters replaced by U+FFFD)")
     print(f"train has {len(codepoints['train']):,} tokens")
     print(f"val has {len(codepoints['val']):,} tokens")
