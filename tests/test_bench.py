@@ -64,7 +64,11 @@ def test_table_has_both_optimizers_and_consistent_sections(profiled_run):
     ratio = re.search(r'sophiag / adamw tokens/s: ([\d.]+) \(the forward/backward arithmetic alone predicts '
                       r'([\d.]+)', stdout)
     assert ratio, stdout
-    assert float(ratio.group(1)) == pytest.approx(number(rows['sophiag'][2]) / number(rows['adamw'][2]), abs=0.002)
+    sophia, adam = number(rows['sophiag'][2]), number(rows['adamw'][2])
+    # the table rounds tokens/s to integers and the line prints 3 decimals: a slow (busy) machine
+    # makes tokens/s small and the table's rounding matter
+    rounding = sophia / adam * (0.5 / sophia + 0.5 / adam) + 0.0005
+    assert float(ratio.group(1)) == pytest.approx(sophia / adam, abs=rounding)
     assert float(ratio.group(2)) == pytest.approx(1 / (1 + 2 / (2 * 2)), abs=0.001)  # one full pass every 2
 
 def test_profile_writes_a_chrome_trace_per_optimizer(profiled_run):
