@@ -1005,11 +1005,12 @@ def train(optimizer_name, config, sources, notes, rank, world_size, device, stop
     interval = IntervalLog(run, state)
     start_iter, stop = state.iter_num, False
     while True:
-        # evaluate and save at the top of the iteration: the state is that after iter_num steps
-        # (a checkpoint of ours continued was evaluated when it was saved)
+        # evaluate and save at the top of the iteration: the state is that after iter_num steps.
+        # The first iteration is evaluated unless it continues a checkpoint of ours, which was
+        # evaluated when it was saved
         evaluated = is_best = False
-        if (state.iter_num % config['eval_interval'] == 0 or state.iter_num == config['max_iters']) \
-                and not (exact and state.iter_num == start_iter) and not stop:
+        due = state.iter_num % config['eval_interval'] == 0 or state.iter_num == config['max_iters']
+        if (not exact if state.iter_num == start_iter else due) and not stop:
             is_best, evaluated = evaluate(run, state, log), True
         if config['eval_only']:
             break

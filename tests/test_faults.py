@@ -305,6 +305,73 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     flag.handle(signal.SIGTERM, None)
     assert exits == [143] and flag.signum == signal.SIGINT
 
+# a wrapper around train_sophiag.py whose first training forward runs one CPU kernel of tens of
+# seconds (a matmul of two 10,000 x 10,000 matrices), noting when it starts and whether it ended
+LONG_KERNEL_SCRIPT = '''
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import trainer
+from train_sophiag import sophiag_defaults
+forward_loss = trainer.forward_loss
+def slow_forward_loss(model, X, Y, autocast):
+    if model.training and not os.path.exists({started!r}):
+        open({started!r}, 'w').close()
+        a = torch.randn(10000, 10000)
+        a @ a  # no Python signal handler can run in this thread until it returns
+        open({ended!r}, 'w').close()
+    return forward_loss(model, X, Y, autocast)
+trainer.forward_loss = slow_forward_loss
+trainer.main('sophiag', sophiag_defaults(), sys.argv[1:])
+'''
+
+def test_a_second_signal_exits_at_once_inside_a_long_kernel(tmp_path, dataset):
+    """The first SIGTERM asks for a checkpoint after the iteration; the second ends the process at
+    once, although the main thread is inside a kernel that would hold a Python handler back."""
+    started, ended = tmp_path / 'kernel-started', tmp_path / 'kernel-ended'
+    script = tmp_path / 'long_kernel.py'
+    script.write_text(LONG_KERNEL_SCRIPT.format(root=ROOT, started=str(started), ended=str(ended)))
+    process = start(tmp_path, 'run', str(script), tiny_args(dataset, str(tmp_path / 'out')))
+    deadline = time.time() + WAIT
+    while not started.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    assert started.exists(), process.output()
+    time.sleep(0.5)  # well inside the kernel
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = finish(process)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert 'received SIGTERM: finishing this iteration' in err and 'received SIGTERM again: exiting now' in err
+    assert not ended.exists()  # it did not wait for the kernel to return
+
+def test_log_lines_time_training_alone_and_say_what_is_left(tmp_path, dataset, monkeypatch, capsys):
+    """ms/iter and tokens/s count training iterations only: each evaluation here takes 3 s more,
+    timed on its own line; the lines say iter k/N, an ETA that counts the evaluations still to
+    come, and while Sophia's Hessian EMA is still warming up."""
+    real = trainer.estimate_loss
+    def slow_estimate_loss(*args):
+        time.sleep(3)
+        return real(*args)
+    monkeypatch.setattr(trainer, 'estimate_loss', slow_estimate_loss)
+    out = str(tmp_path / 'out')
+    status, stdout, _ = call_main(capsys, tiny_args(dataset, out, max_iters=12, eval_interval=4,
+                                                    checkpoint_interval=100))
+    assert status == 0
+    evaluations = re.findall(r'^step (\d+): train loss [\d.]+, val loss [\d.]+ \(evaluation ([\d.]+) s\)$', stdout, re.M)
+    assert [int(it) for it, _ in evaluations] == [0, 4, 8, 12] and all(float(s) >= 3 for _, s in evaluations)
+    assert all(row['eval_seconds'] >= 3 for row in read_metrics(out, 'eval'))
+    rows = read_metrics(out, 'train')
+    assert rows[-1]['time'] == pytest.approx(sum(row['ms_per_iter'] for row in rows) / 1000, rel=1e-3)
+    assert rows[-1]['time'] < 3  # no evaluation inside: 12 tiny iterations
+    lines = re.findall(r'^iter (\d+)/12: .*, eta (\d+)s$', stdout, re.M)
+    assert [int(it) for it, _ in lines] == list(range(1, 13))
+    eta = {int(it): int(seconds) for it, seconds in lines}
+    assert eta[1] >= 3 * 3 and eta[5] >= 2 * 3 and eta[9] >= 3 and eta[12] == 0  # evaluations to come
+    for row in rows:
+        updates = row['iter'] // 3  # hess_interval=3
+        assert row['hessian_ema_scale'] == pytest.approx(1 - 0.99 ** updates)
+    assert f"(Hessian EMA warming up: 4% of its scale after 4 updates)" in stdout
+
 # -----------------------------------------------------------------------------
 # damaged checkpoints
 
@@ -613,6 +680,19 @@ BAD_INPUTS = {
     'device=cuda without CUDA': (
         lambda d, o, t, m: ('sophiag', resume(d, o, device='cuda')),
         'run', ["device='cuda' but CUDA is not available", '--device=cpu']),
+    'dataset that does not exist': (
+        lambda d, o, t, m: ('sophiag', resume('nonexistent', o)),
+        'run', ["dataset 'nonexistent' does not exist: data/ has ", 'stdlib_char']),
+    'nccl backend on a CPU': (
+        lambda d, o, t, m: ('sophiag', resume(d, o, backend='nccl')),
+        'run', ["backend='nccl'", 'needs CUDA devices', '--backend=gloo']),
+    "an official config's optimizer_name for the other script": (
+        lambda d, o, t, m: ('sophiag', resume(d, o) + ['--optimizer_name=adamw']),
+        'run', ["optimizer_name='adamw'", 'train_sophiag.py trains sophiag', 'run train_adam.py']),
+    'init_from a file that is no checkpoint': (
+        lambda d, o, t, m: (torch.save({'weights': torch.zeros(2)}, os.path.join(t, 'w.pt')),
+                            ('sophiag', tiny_args(d, o, init_from=os.path.join(t, 'w.pt'))))[-1],
+        'fresh', ['w.pt is not a training checkpoint']),
     'dtype=bfloat16 on a GPU without it': (
         lambda d, o, t, m: (fake_gpu_without_bfloat16(m),
                             ('sophiag', resume(d, o, device='cuda', dtype='bfloat16')))[-1],
