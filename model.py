@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from sophia import sample_labels
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_idx):
@@ -95,30 +97,6 @@ class GPTConfig:
     scale_attn_by_inverse_layer_idx: bool = False # True: layer i's attention logits also scaled by 1/(i+1)
     gelu: str = 'tanh' # 'tanh': GPT-2's approximation (the official Sophia runs); 'exact': erf, as nanoGPT
 
-def _gumbel_argmax(z):
-    """ argmax(z + G) along the last dim, G standard Gumbel: an index drawn from softmax(z) """
-    u = torch.rand_like(z)
-    return (z - torch.log(-torch.log(u))).argmax(dim=-1)
-
-def sample_from_logits(logits):
-    """ one index per row of logits (..., V), drawn from softmax(logits), in two exact stages:
-    the V entries are cut into V/c chunks of c (c: the smallest divisor of V >= sqrt(V)); a chunk
-    is drawn with probability proportional to exp(logsumexp of its logits), then an index within
-    it from the chunk's own softmax. Each draw is a Gumbel-max: argmax(z + G), G = -log(-log(U)),
-    U uniform in [0, 1), is distributed as softmax(z). The only full-size work is the chunks'
-    logsumexp, one read of the logits (fused into one kernel under torch.compile); random numbers
-    are needed for V/c + c entries per row instead of V, which on a GPU is what a draw over a
-    50,304-wide vocabulary costs (GPT-2's 50304 = 192 chunks of 262). Uses the global RNG (seed it
-    for reproducible draws); no gradient flows through the draw. In float32 U <= 1 - 2**-24 caps G
-    at 16.6, so an entry more than ~17 nats below the largest of its group (probability < 1e-7)
-    is drawn slightly too rarely. """
-    V = logits.size(-1)
-    c = next(d for d in range(math.isqrt(V - 1) + 1, V + 1) if V % d == 0)
-    chunks = logits.detach().float().reshape(-1, V // c, c)
-    chunk = _gumbel_argmax(torch.logsumexp(chunks, dim=-1)) # (N,) which chunk
-    within = chunks.gather(1, chunk.view(-1, 1, 1).expand(-1, 1, c)).squeeze(1) # (N, c) its logits
-    return (chunk * c + _gumbel_argmax(within)).view(logits.shape[:-1])
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -166,7 +144,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, *, all_logits=False, sample_targets=False):
         """ (logits, loss). targets (b, t) give the mean cross-entropy loss; sample_targets=True
         draws them from the model's own softmax at every position instead (Sophia-G's Hessian
-        pass, see sample_from_logits); all_logits=True returns logits at every position without a
+        pass, see sophia.sample_labels); all_logits=True returns logits at every position without a
         loss; otherwise only the last position's logits come back (generation). """
         b, t = idx.size()
         assert t <= self.config.block_size, \
@@ -188,7 +166,7 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :]) # (b, 1, vocab_size): the list [-1] keeps the time dim
         loss = None
         if sample_targets:
-            targets = sample_from_logits(logits)
+            targets = sample_labels(logits)
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
@@ -269,7 +247,7 @@ class GPT(nn.Module):
         print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
         print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
         if optimizer_name == 'sophiag':
-            from sophia import SophiaG # here, so that the model has no import-time dependency on it
+            from sophia import SophiaG
             return SophiaG(optim_groups, lr=learning_rate, betas=betas, rho=rho, weight_decay=weight_decay)
         # the fused kernel updates each tensor in one pass: on GPT-2 124M shapes, 2-core CPU, 84 ms
         # a step against 340 ms for foreach. torch 2.13 has it on cuda and cpu; elsewhere foreach.

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, device_peak_flops, peak_flops_for_name, sample_from_logits  # noqa: E402
+from model import GPT, GPTConfig, device_peak_flops, peak_flops_for_name  # noqa: E402
+from sophia import sample_labels  # noqa: E402
 
 TINY = dict(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -49,14 +50,14 @@ def test_forward_without_targets_and_all_logits():
 
 
 @pytest.mark.parametrize('vocab', [6, 97, 100])  # 2 chunks of 3, one chunk (a prime), 10 of 10
-def test_sample_from_logits_follows_the_softmax(vocab):
+def test_sample_labels_follows_the_softmax(vocab):
     """The frequencies over many rows match softmax(logits) within 5 standard errors per entry;
     an entry 40 nats below the others is never drawn."""
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(vocab)) * 1.5
     logits[vocab // 2] = -40.0
     n = 200_000
     torch.manual_seed(0)
-    draws = sample_from_logits(logits.expand(n, -1))
+    draws = sample_labels(logits.expand(n, -1))
     assert draws.shape == (n,) and draws.dtype == torch.long
     counts = torch.bincount(draws, minlength=vocab).double()
     assert len(counts) == vocab
@@ -64,14 +65,14 @@ def test_sample_from_logits_follows_the_softmax(vocab):
     assert counts[vocab // 2] == 0
     assert ((counts / n - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (counts / n, p)
     # batch shapes are kept: (2, 3, V) -> (2, 3)
-    assert sample_from_logits(logits.expand(2, 3, -1)).shape == (2, 3)
+    assert sample_labels(logits.expand(2, 3, -1)).shape == (2, 3)
 
-def test_sample_from_logits_upcasts_bf16():
+def test_sample_labels_upcasts_bf16():
     logits = torch.tensor([2.0, 0.5, 0.0, -1.0, 1.0, -40.0])
     torch.manual_seed(1)
-    a = sample_from_logits(logits.bfloat16().expand(1000, -1))
+    a = sample_labels(logits.bfloat16().expand(1000, -1))
     torch.manual_seed(1)
-    b = sample_from_logits(logits.bfloat16().float().expand(1000, -1))
+    b = sample_labels(logits.bfloat16().float().expand(1000, -1))
     assert torch.equal(a, b)
 
 
@@ -82,7 +83,7 @@ def test_sample_targets_is_the_loss_against_drawn_labels():
     torch.manual_seed(3)
     sampled_logits, loss = model(idx, sample_targets=True)
     torch.manual_seed(3)
-    labels = sample_from_logits(logits)
+    labels = sample_labels(logits)
     torch.testing.assert_close(sampled_logits, logits)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, TINY['vocab_size']),
                                                                        labels.reshape(-1)))
