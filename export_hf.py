@@ -69,7 +69,6 @@ HF_ACTIVATION = {'tanh': 'gelu_new', 'exact': 'gelu'}
 # transformers keeps these as Conv1D weights, (in, out); the checkpoint has nn.Linear's (out, in)
 CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 MAX_RELATIVE_ERROR = 1e-5  # float32 logits of the export against the checkpoint's model
-GPT2_FILES = ('vocab.json', 'merges.txt')
 
 # -----------------------------------------------------------------------------
 # the model
@@ -221,7 +220,6 @@ def write_gpt2_tokenizer(folder, encoding, model_max_length):
     # version; the two stay for older versions and other tools that read them
     tokenizer = GPT2Tokenizer.from_pretrained(folder, model_max_length=model_max_length, local_files_only=True)
     tokenizer.save_pretrained(folder)
-    return tokenizer
 
 # text that exercises the pre-tokenizer's cases: contractions, letters, digits, symbols, runs of
 # spaces, tabs and newlines, non-ASCII letters and an emoji (bytes split across tokens), the special token

@@ -243,6 +243,14 @@ def test_refuses_untied_embeddings_damage_and_a_missing_dataset(tmp_path, char_d
     out2 = str(tmp_path / 'out2')
     save_run(out2, str(tmp_path / 'gone'))
     assert '--tokenizer=gpt2 or --tokenizer=none' in refused([out2, hf], capsys)
+    # a meta.pkl that names no tokenizer this script knows
+    unknown_meta = tmp_path / 'unknown_meta'
+    unknown_meta.mkdir()
+    with open(unknown_meta / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 20, 'tokenizer': 'sentencepiece'}, f)
+    out3 = str(tmp_path / 'out3')
+    save_run(out3, str(unknown_meta))
+    assert 'names neither GPT-2 BPE nor characters' in refused([out3, hf], capsys)
     assert not os.path.exists(hf)
 
 
@@ -262,6 +270,31 @@ def test_a_failed_export_leaves_nothing(tmp_path, char_data, capsys, monkeypatch
     assert exit_info.value.code == 1
     assert "logits differ from the checkpoint's" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ['chars', 'out']
+
+
+def test_hf_dir_is_never_half_written(tmp_path, char_data, monkeypatch):
+    # the new export is written elsewhere and renamed into place: while it is being written, HF_DIR
+    # still holds the earlier export, byte for byte (a kill at that moment leaves that one)
+    out, hf = str(tmp_path / 'out'), str(tmp_path / 'hf')
+    save_run(out, char_data)
+    export_hf.main([out, hf, '--tokenizer=none'])
+    def contents():
+        return {name: open(os.path.join(hf, name), 'rb').read() for name in sorted(os.listdir(hf))}
+    earlier = contents()
+    seen = []
+    write = export_hf.write_export
+    def watched(folder, *args, **kwargs):
+        result = write(folder, *args, **kwargs)
+        seen.append((os.path.realpath(folder) != os.path.realpath(hf), contents() == earlier))
+        return result
+    monkeypatch.setattr(export_hf, 'write_export', watched)
+    state = checkpoint.load_checkpoint(os.path.join(out, 'ckpt-00000003.pt'))
+    state['model'] = random_gpt(seed=1, **state['model_args']).state_dict()
+    checkpoint.save_checkpoint(out, state, 4, keep_last=3, is_best=False)
+    export_hf.main([out, hf, '--tokenizer=none', '--overwrite=True'])
+    assert seen == [(True, True)]
+    assert contents()['model.safetensors'] != earlier['model.safetensors']  # the newer one is in place
+    assert sorted(os.listdir(tmp_path)) == ['chars', 'hf', 'out']  # and nothing else is left
 
 
 def test_help(capsys):
