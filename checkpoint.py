@@ -9,18 +9,29 @@ last), and the folder is fsync'd: a crash at any moment (kill -9, power loss) le
 files or the new ones, never a half-written file under a final name. A .pt without its .json, or
 whose bytes do not match it, is not trusted. The newest `keep_last` checkpoints are kept, plus `best.pt`/`best.json`,
 a hard link to the checkpoint with the lowest val loss so far.
+
+A sharded run (FSDP, HSDP) writes a folder `ckpt-<iter>.dcp` instead of the .pt: the model and
+optimizer state as torch.distributed.checkpoint writes them, every process its own shards
+(`__<rank>_<n>.distcp`, `.metadata`), and `meta.pt` with everything else (iteration, config, RNG
+states, GradScaler). The same rules hold: it is written under a temporary name, its manifest
+`ckpt-<iter>.json` lists every file with its size and sha256 and is written before the folder
+takes its final name, a folder that does not match its manifest is not trusted, and `best.dcp`
+holds hard links to the best one's files. Such a checkpoint loads into any number of processes,
+sharded or not (the trainer), and consolidates into whole tensors for sample.py and export_hf.py
+(load_checkpoint).
 """
 
 import hashlib
 import json
 import os
 import re
+import shutil
 
 import torch
 
 FORMAT_VERSION = 1
-CHECKPOINT_NAME = re.compile(r'^ckpt-(\d+)\.pt$')
-TEMPORARY_NAME = re.compile(r'^(ckpt-\d+|best)\.(pt|json)\.tmp\d+$')  # a write that a crash cut short
+CHECKPOINT_NAME = re.compile(r'^ckpt-(\d+)\.(pt|dcp)$')  # a file, or the folder of a sharded run
+TEMPORARY_NAME = re.compile(r'^(ckpt-\d+|best)\.(pt|json|dcp)\.(tmp|old)\d+$')  # a write that a crash cut short
 
 class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message says which and why."""
@@ -87,6 +98,8 @@ def save_checkpoint(out_dir, state, iter_num, keep_last, is_best):
         if os.path.exists(tmp):
             os.remove(tmp)
     if is_best:
+        if os.path.isdir(os.path.join(out_dir, 'best.dcp')):  # a sharded best from before: this one is newer
+            shutil.rmtree(os.path.join(out_dir, 'best.dcp'))
         best_pt, best_json = checkpoint_paths(out_dir, 'best')
         for source, target in ((pt_path, best_pt), (json_path, best_json)):
             tmp = f"{target}.tmp{os.getpid()}"
@@ -98,22 +111,52 @@ def save_checkpoint(out_dir, state, iter_num, keep_last, is_best):
                 write_atomic(tmp, lambda f, s=source: f.write(open(s, 'rb').read()))
             os.replace(tmp, target)
     fsync_dir(out_dir)
-    for old_iter in list_checkpoints(out_dir)[keep_last:]:
-        for path in checkpoint_paths(out_dir, f"ckpt-{old_iter:08d}"):
-            if os.path.exists(path):
-                os.remove(path)
+    rotate(out_dir, keep_last)
     return pt_path
 
 def list_checkpoints(out_dir):
-    """Iterations of the ckpt-*.pt files in out_dir, newest first."""
+    """Iterations of the checkpoints (ckpt-*.pt files and ckpt-*.dcp folders) in out_dir, newest first."""
     if not os.path.isdir(out_dir):
         return []
-    found = [int(m.group(1)) for m in map(CHECKPOINT_NAME.match, os.listdir(out_dir)) if m]
+    found = {int(m.group(1)) for m in map(CHECKPOINT_NAME.match, os.listdir(out_dir)) if m}
     return sorted(found, reverse=True)
 
+def checkpoint_path(out_dir, name):
+    """The checkpoint called `name` ('ckpt-<iter>' or 'best'): its .dcp folder if a sharded run
+    wrote one, else its .pt file."""
+    path = os.path.join(out_dir, name)
+    return path + '.dcp' if os.path.isdir(path + '.dcp') else path + '.pt'
+
+def manifest_of(path):
+    return path.rsplit('.', 1)[0] + '.json'
+
+def remove(path):
+    """Delete a checkpoint, a file or a sharded folder, and its manifest."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+    if os.path.exists(manifest_of(path)):
+        os.remove(manifest_of(path))
+
+def rotate(out_dir, keep_last):
+    """Delete the checkpoints older than the newest keep_last (best is kept apart)."""
+    for old_iter in list_checkpoints(out_dir)[keep_last:]:
+        for suffix in ('.pt', '.dcp'):
+            remove(os.path.join(out_dir, f"ckpt-{old_iter:08d}{suffix}"))
+
+def file_digest(path):
+    """(size, sha256 hex digest) of a file."""
+    sha256 = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 24), b''):
+            sha256.update(chunk)
+    return os.path.getsize(path), sha256.hexdigest()
+
 def verify(pt_path):
-    """Check a checkpoint file against its manifest; return the manifest."""
-    json_path = pt_path[:-len('.pt')] + '.json'
+    """Check a checkpoint file, or a sharded checkpoint's folder, against its manifest; return the
+    manifest."""
+    json_path = manifest_of(pt_path)
     if not os.path.exists(json_path):
         raise CheckpointError(f"{pt_path} has no {os.path.basename(json_path)}: it was never completed")
     try:
@@ -124,24 +167,32 @@ def verify(pt_path):
     if manifest.get('format_version', 0) > FORMAT_VERSION:
         raise CheckpointError(f"{pt_path} has format version {manifest['format_version']}, newer than "
                               f"this code's {FORMAT_VERSION}: update the code to resume it")
-    size = os.path.getsize(pt_path)
-    if size != manifest.get('bytes'):
-        raise CheckpointError(f"{pt_path} is truncated or damaged: {size} bytes, "
-                              f"expected {manifest.get('bytes')}")
-    sha256 = hashlib.sha256()
-    with open(pt_path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 24), b''):
-            sha256.update(chunk)
-    if sha256.hexdigest() != manifest.get('sha256'):
-        raise CheckpointError(f"{pt_path} is damaged: its sha256 does not match {os.path.basename(json_path)}")
+    if os.path.isdir(pt_path):
+        files = {os.path.join(pt_path, name): entry for name, entry in manifest.get('files', {}).items()}
+        if 'meta.pt' not in manifest.get('files', {}):
+            raise CheckpointError(f"{json_path} lists no meta.pt: it is not the manifest of {pt_path}")
+    else:
+        files = {pt_path: manifest}
+    for path, entry in files.items():
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{pt_path} is incomplete: {os.path.basename(path)} is missing")
+        size = os.path.getsize(path)
+        if size != entry.get('bytes'):
+            raise CheckpointError(f"{path} is truncated or damaged: {size} bytes, expected {entry.get('bytes')}")
+        if file_digest(path)[1] != entry.get('sha256'):
+            raise CheckpointError(f"{path} is damaged: its sha256 does not match {os.path.basename(json_path)}")
     return manifest
 
-def load_checkpoint(pt_path, map_location='cpu'):
-    """Verify and load one checkpoint file."""
+def load_checkpoint(pt_path, map_location='cpu', model_tensors=True):
+    """Verify and load one checkpoint. A sharded one gives its meta.pt with `sharded` set to its
+    folder, for the trainer to load the shards into its model and optimizer, and with
+    `model_tensors` its model state consolidated into whole tensors (no optimizer state)."""
     try:
         verify(pt_path)
     except OSError as e:
         raise CheckpointError(f"{pt_path} cannot be read: {e}")
+    if os.path.isdir(pt_path):
+        return load_sharded_meta(pt_path, map_location, model_tensors)
     try:
         state = torch.load(pt_path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -151,7 +202,23 @@ def load_checkpoint(pt_path, map_location='cpu'):
                               f"this code reads {FORMAT_VERSION}")
     return state
 
-def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False):
+def load_sharded_meta(path, map_location, model_tensors):
+    try:
+        state = torch.load(os.path.join(path, 'meta.pt'), map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}/meta.pt cannot be loaded: {type(e).__name__}: {e}")
+    if state.get('format_version') != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {state.get('format_version')}, "
+                              f"this code reads {FORMAT_VERSION}")
+    state['sharded'] = path
+    if model_tensors:
+        # torch's reader of a whole DCP checkpoint into one process (no process group needed)
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+        model = _load_state_dict_from_keys({'model'}, checkpoint_id=path)['model']
+        state['model'] = {key: value.to(map_location) for key, value in model.items()}
+    return state
+
+def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model_tensors=True):
     """The newest checkpoint in out_dir that verifies and loads, falling back past damaged ones.
     With `quarantine` (one process only), a damaged checkpoint is renamed to *.pt.damaged, kept for
     inspection but no longer counted as a checkpoint, and the temporary files of writes that a
@@ -161,22 +228,93 @@ def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False):
     if quarantine and os.path.isdir(out_dir):
         for name in os.listdir(out_dir):
             if TEMPORARY_NAME.match(name):  # left by a killed run: as large as a checkpoint
-                os.remove(os.path.join(out_dir, name))
+                path = os.path.join(out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     for iter_num in list_checkpoints(out_dir):
-        pt_path = checkpoint_paths(out_dir, f"ckpt-{iter_num:08d}")[0]
+        pt_path = checkpoint_path(out_dir, f"ckpt-{iter_num:08d}")
         try:
-            return load_checkpoint(pt_path, map_location), pt_path
+            return load_checkpoint(pt_path, map_location, model_tensors), pt_path
         except CheckpointError as e:
             warn(f"warning: {e}; falling back to the previous checkpoint")
             problems.append(str(e))
             if quarantine and os.path.exists(pt_path):
                 os.replace(pt_path, pt_path + '.damaged')
-    best_pt = checkpoint_paths(out_dir, 'best')[0]
+    best_pt = checkpoint_path(out_dir, 'best')
     if os.path.exists(best_pt):
         try:
-            return load_checkpoint(best_pt, map_location), best_pt
+            return load_checkpoint(best_pt, map_location, model_tensors), best_pt
         except CheckpointError as e:
             problems.append(str(e))
     if problems:
         raise CheckpointError(f"no usable checkpoint in {out_dir}: {problems[-1]}")
     return None, None
+
+def save_sharded(out_dir, tensors, meta, iter_num, keep_last, is_best, rank, world_size):
+    """Write the checkpoint of iteration `iter_num` of a sharded run; a collective, every process
+    calls it. `tensors` ({'model': ..., 'optimizer': ...}, state dicts of DTensors) go through
+    torch.distributed.checkpoint, each process writing its shards into a temporary folder;
+    process 0 adds `meta`; each process hashes the files it wrote, process 0 writes the manifest
+    from all of them, then gives the folder its final name, links it as best.dcp if `is_best`
+    and rotates. Returns the folder's path."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    final = os.path.join(out_dir, f"ckpt-{iter_num:08d}.dcp")
+    tmp = [f"{final}.tmp{os.getpid()}"]  # process 0's name, for all
+    if world_size > 1:
+        dist.broadcast_object_list(tmp, src=0)
+    tmp = tmp[0]
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+    if rank == 0:
+        write_synced(os.path.join(tmp, 'meta.pt'), lambda f: torch.save(meta, f))
+    # torch.distributed.checkpoint names a process's files __<rank>_<n>.distcp; process 0 writes
+    # .metadata and meta.pt. Each hashes its own, so a large checkpoint is read back in parallel
+    mine = [name for name in os.listdir(tmp) if name.startswith(f'__{rank}_')]
+    if rank == 0:
+        mine += ['.metadata', 'meta.pt']
+    digests = {name: dict(zip(('bytes', 'sha256'), file_digest(os.path.join(tmp, name)))) for name in mine}
+    gathered = [None] * world_size if rank == 0 else None
+    if world_size > 1:
+        dist.gather_object(digests, gathered, dst=0)
+    else:
+        gathered = [digests]
+    if rank == 0:
+        files = {name: entry for part in gathered for name, entry in part.items()}
+        unlisted = sorted(set(os.listdir(tmp)) - set(files))
+        if unlisted:
+            raise CheckpointError(f"{tmp} holds files no process wrote: {unlisted}")
+        fsync_dir(tmp)
+        manifest = dict(format_version=FORMAT_VERSION, iter_num=iter_num, files=files,
+                        folder=os.path.basename(final))
+        # the manifest before the folder's final name: a ckpt-*.dcp always has the manifest it is
+        # verified against (an older folder of the same iteration no longer matches it, and goes)
+        write_atomic(manifest_of(final), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if is_best:
+            link_best(out_dir, final, manifest)
+        fsync_dir(out_dir)
+        rotate(out_dir, keep_last)
+    return final
+
+def link_best(out_dir, folder, manifest):
+    """best.dcp: hard links to the files of the sharded checkpoint `folder` (copies where the
+    filesystem has no hard links), under a temporary name first, with its manifest best.json."""
+    best = os.path.join(out_dir, 'best.dcp')
+    tmp = f"{best}.tmp{os.getpid()}"
+    os.makedirs(tmp)
+    for name in manifest['files']:
+        try:
+            os.link(os.path.join(folder, name), os.path.join(tmp, name))
+        except OSError:
+            shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
+    write_atomic(manifest_of(best), lambda f: f.write(json.dumps(dict(manifest, folder='best.dcp'), indent=1).encode()))
+    old = f"{best}.old{os.getpid()}"
+    if os.path.isdir(best):
+        os.replace(best, old)
+    os.replace(tmp, best)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    best_pt = os.path.join(out_dir, 'best.pt')
+    if os.path.exists(best_pt):  # a best of the run's unsharded part: this one is newer
+        os.remove(best_pt)

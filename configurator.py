@@ -36,6 +36,7 @@ class ConfigError(Exception):
 DTYPES = ('float32', 'bfloat16', 'float16')
 PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 HESSIAN_ESTIMATORS = ('gnb', 'hutchinson')
+DATA_PARALLEL = ('ddp', 'fsdp', 'hsdp')
 
 def unknown_key(key, config):
     """The message for a name that is no config key, with the nearest key as a suggestion."""
@@ -223,9 +224,10 @@ def split_advice(total, batch, world_size):
     near = [size for size in sizes if size < batch][-2:] + [size for size in sizes if size > batch][:2]
     return f"use a batch_size that divides {per_process} (e.g. {', '.join(map(str, near))})"
 
-def check_config(config, sources, world_size=1):
+def check_config(config, sources, world_size=1, local_world_size=None):
     """Reject values and combinations that cannot work. `world_size` is the number of processes
-    (torchrun's WORLD_SIZE), which the batch arithmetic needs (batch_plan)."""
+    (torchrun's WORLD_SIZE), which the batch arithmetic needs (batch_plan); `local_world_size`
+    those on one node (LOCAL_WORLD_SIZE), the default shard group of HSDP."""
     def show(key):
         return f"{key}={config[key]!r} ({sources.get(key, 'default')})"
     def fail(message):
@@ -272,12 +274,29 @@ def check_config(config, sources, world_size=1):
     if init_from not in ('scratch', 'resume') + PRETRAINED and not os.path.isdir(init_from) \
             and not (init_from.endswith('.pt') and os.path.isfile(init_from)):
         fail(f"{show('init_from')}: expected scratch, resume, one of {', '.join(PRETRAINED)}, "
-             f"a local Hugging Face model directory, or a checkpoint file (.pt)")
+             f"a local Hugging Face model directory, or a checkpoint (a .pt file or a sharded run's .dcp folder)")
     if 'backend' in config:
         one_of('backend', ('auto', 'nccl', 'gloo'))
         if config['backend'] == 'nccl' and not device.startswith('cuda'):
             fail(f"{show('backend')} needs CUDA devices but {show('device')}; use --backend=gloo "
                  f"or --backend=auto (nccl on CUDA, gloo otherwise)")
+    if 'data_parallel' in config:
+        one_of('data_parallel', DATA_PARALLEL)
+        one_of('reshard_after_forward', ('auto', 'true', 'false'))
+        non_negative('shard_group_size')
+        sharded = config['data_parallel'] != 'ddp'
+        if sharded and device == 'mps':
+            fail(f"{show('data_parallel')} cannot run on {show('device')}: FSDP needs the gloo (CPU) or nccl "
+                 f"(CUDA) backend; use --device=cpu or cuda, or --data_parallel=ddp")
+        if sharded and config.get('hessian_estimator') == 'hutchinson':
+            fail(f"{show('hessian_estimator')} takes a double backward through the model, which FSDP's sharded "
+                 f"parameters do not support; use --hessian_estimator=gnb or --data_parallel=ddp")
+        if config['data_parallel'] == 'hsdp':
+            shard = config['shard_group_size'] or (local_world_size or world_size)
+            if world_size % shard:
+                fail(f"{show('data_parallel')}: shard groups of {shard} processes "
+                     f"({show('shard_group_size') if config['shard_group_size'] else 'the processes of a node'}) "
+                     f"do not divide the {world_size} processes; set --shard_group_size to a divisor of {world_size}")
     if 'rho' in config:  # the Sophia keys exist in train_sophiag.py only
         positive('rho', 'hess_interval')
         non_negative('hess_micro_steps')

@@ -355,12 +355,12 @@ def load_state(out_dir, config):
         path = config['checkpoint']
         if not os.path.dirname(path):
             path = os.path.join(out_dir, path)  # a bare file name is one in OUT_DIR
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise UserError(f"checkpoint {path} does not exist")
-        return checkpoint.load_checkpoint(path, map_location='cpu'), path
+        return checkpoint.load_checkpoint(path.rstrip(os.sep), map_location='cpu'), path
     if config['which'] == 'best':
-        path = os.path.join(out_dir, 'best.pt')
-        if not os.path.isfile(path):
+        path = checkpoint.checkpoint_path(out_dir, 'best')  # best.pt, or a sharded run's best.dcp
+        if not os.path.exists(path):
             raise UserError(f"{out_dir} has no best.pt (written at the first evaluation); use --which=latest")
         return checkpoint.load_checkpoint(path, map_location='cpu'), path
     state, path = checkpoint.load_latest(out_dir, map_location='cpu')  # warns on stdout when it falls back

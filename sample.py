@@ -45,8 +45,9 @@ def load_model(config):
         encoding = gpt2_encoding()
         return model, (lambda s: encoding.encode(s, allowed_special={'<|endoftext|>'}), encoding.decode)
     out_dir = config['out_dir']
-    if config['which'] == 'best' and os.path.exists(os.path.join(out_dir, 'best.pt')):
-        path = os.path.join(out_dir, 'best.pt')
+    best = checkpoint.checkpoint_path(out_dir, 'best')  # best.pt, or a sharded run's best.dcp
+    if config['which'] == 'best' and os.path.exists(best):
+        path = best
         state = checkpoint.load_checkpoint(path, map_location='cpu')
     else:
         state, path = checkpoint.load_latest(out_dir, map_location='cpu')

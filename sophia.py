@@ -28,6 +28,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+try:  # FSDP2's sharded parameters; torch builds without distributed support lack it
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+except ImportError:
+    DTensor = None
+
 try:  # Triton ships with the CUDA builds of torch; the CUDA fused kernel needs it
     import triton
     import triton.language as tl
@@ -35,6 +40,13 @@ except ImportError:
     triton = None
 
 EPS = 1e-15  # keeps m / (rho * bs * h + EPS) finite where h = 0 (the official constant)
+
+
+def _local(tensor):
+    """The local shard of a DTensor (FSDP2's sharded parameters, their gradients and optimizer
+    state), or the tensor itself. Every update is elementwise, so each process updates its own
+    shards with any implementation, and the state keeps the parameters' sharding."""
+    return tensor.to_local() if DTensor is not None and isinstance(tensor, DTensor) else tensor
 
 # -----------------------------------------------------------------------------
 # Reference implementation: one tensor at a time, written as the math reads.
@@ -589,10 +601,10 @@ class SophiaG(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("SophiaG does not support sparse gradients; use dense gradients")
                 state = self._init_state(p, group)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                hessians.append(state["hessian"])
+                params.append(_local(p))
+                grads.append(_local(p.grad))
+                exp_avgs.append(_local(state["exp_avg"]))
+                hessians.append(_local(state["hessian"]))
                 steps.append(state["step"])
             implementations = {"reference": _single_tensor_step, "foreach": _multi_tensor_step, "fused": _fused_step}
             for impl, tensors in self._split_by_implementation(group, [params, grads, exp_avgs, hessians, steps]):
@@ -629,8 +641,8 @@ class SophiaG(torch.optim.Optimizer):
                 if estimate.shape != p.shape:
                     raise ValueError(f"hessian_estimates[{index - 1}] has shape {tuple(estimate.shape)} "
                                      f"but its parameter has shape {tuple(p.shape)}")
-                hessians.append(self._init_state(p, group)["hessian"])
-                estimates.append(estimate.to(p.dtype))
+                hessians.append(_local(self._init_state(p, group)["hessian"]))
+                estimates.append(_local(estimate).to(p.dtype))
             implementations = {"reference": _single_tensor_update_hessian, "foreach": _multi_tensor_update_hessian,
                                "fused": _fused_update_hessian}
             for impl, tensors in self._split_by_implementation(group, [hessians, estimates]):
@@ -649,30 +661,46 @@ class SophiaG(torch.optim.Optimizer):
         bs = self.last_bs if bs is None else bs
         if bs is None:
             raise ValueError("SophiaG.diagnostics(): no step() taken since construction or loading; pass bs=")
-        hessians, exp_avgs, not_clipped, numel = [], [], [], 0
+        # per-tensor values on each process's shards, summed per sharding (None: whole tensors);
+        # sharded sums are then added up over the processes holding different shards (not over
+        # HSDP's replicas), so the values are those of the whole model, as without sharding
+        by_sharding, numel = {}, 0
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
                 h, m = state["hessian"], state["exp_avg"]
+                numel += m.numel()  # a DTensor's numel is the whole tensor's
+                key = (h.device_mesh, h.placements) if DTensor is not None and isinstance(h, DTensor) else None
+                hessians, exp_avgs, not_clipped = by_sharding.setdefault(key, ([], [], []))
+                h, m = _local(h), _local(m)
                 hessians.append(h)
                 exp_avgs.append(m)
                 not_clipped.append((m.abs() < h.clamp(min=0) * (group["rho"] * bs) + EPS).sum())
-                numel += m.numel()
-        if not hessians:
+        if not by_sharding:
             raise ValueError("SophiaG.diagnostics(): no parameter has optimizer state yet; call step() first")
-        device = hessians[0].device
-
-        def total(norms, ord):  # combine per-tensor norms into the norm of everything
-            norms = torch.stack([n.to(device) for n in norms])
-            return norms.sum() if ord == 1 else norms.norm(2)
-
+        device = next(iter(by_sharding.values()))[0][0].device
+        sums = []
+        for key, (hessians, exp_avgs, not_clipped) in by_sharding.items():
+            def stacked(values):
+                return torch.stack([v.to(device) for v in values])
+            partial = torch.stack([  # not clipped, L1 of h, L2² of h, L2² of m
+                stacked(not_clipped).sum().float(),
+                stacked(torch._foreach_norm(hessians, 1, dtype=torch.float32)).sum(),
+                stacked(torch._foreach_norm(hessians, 2, dtype=torch.float32)).square().sum(),
+                stacked(torch._foreach_norm(exp_avgs, 2, dtype=torch.float32)).square().sum()])
+            if key is not None:
+                mesh, placements = key
+                partial = DTensor.from_local(partial, mesh, [Partial() if placement.is_shard() else Replicate()
+                                                             for placement in placements]).full_tensor()
+            sums.append(partial)
+        total = torch.stack(sums).sum(0)
         return {
-            "win_rate": torch.stack([c.to(device) for c in not_clipped]).sum().float() / max(numel, 1),
-            "hessian_norm": total(torch._foreach_norm(hessians, 1, dtype=torch.float32), 1),
-            "hessian_norm2": total(torch._foreach_norm(hessians, 2, dtype=torch.float32), 2),
-            "momentum_norm": total(torch._foreach_norm(exp_avgs, 2, dtype=torch.float32), 2),
+            "win_rate": total[0] / max(numel, 1),
+            "hessian_norm": total[1],
+            "hessian_norm2": total[2].sqrt(),
+            "momentum_norm": total[3].sqrt(),
         }
 
 # -----------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def default_config():
     eval_iters = 200  # batches per split for each estimate (the same batches every time)
     log_interval = 10  # print and log a training line every this many iterations
     eval_only = False  # evaluate once and exit
-    init_from = 'scratch'  # 'scratch'; 'resume' (the newest good checkpoint in out_dir); 'gpt2*' or a Hugging Face model dir (pretrained weights); or a checkpoint file (.pt: ours, the official Sophia scripts' or nanoGPT's) to continue in out_dir
+    init_from = 'scratch'  # 'scratch'; 'resume' (the newest good checkpoint in out_dir); 'gpt2*' or a Hugging Face model dir (pretrained weights); or a checkpoint to continue in out_dir (a .pt file: ours, the official Sophia scripts' or nanoGPT's; a sharded run's .dcp folder)
     checkpoint_interval = 1000  # save a checkpoint every this many iterations, at the end, and when val improves
     always_save_checkpoint = False  # also save after every evaluation (nanoGPT's and the official scripts' key)
     keep_last = 3  # keep this many newest checkpoints (best.pt is kept besides)
@@ -115,6 +115,11 @@ def default_config():
     seed = 1337  # initialisation, data order and the Hessian pass's labels
     peak_flops = 0.0  # the device's dense peak FLOP/s for MFU; 0 = look it up by GPU name (unknown: no MFU)
     backend = 'auto'  # process-group backend under torchrun: 'auto' (nccl on CUDA, gloo otherwise), 'nccl' or 'gloo'
+    # parallelism over the processes of a torchrun launch
+    data_parallel = 'ddp'  # 'ddp': every process holds the whole model and optimizer; 'fsdp': all of it sharded over the processes; 'hsdp': sharded within a node, replicated across nodes
+    shard_group_size = 0  # hsdp: processes per shard group; 0 = the processes of a node (torchrun's LOCAL_WORLD_SIZE)
+    reshard_after_forward = 'auto'  # fsdp/hsdp: 'true' frees a block's gathered parameters after its forward, 'false' keeps them for its backward; 'auto': 'false' where the model in compute precision takes under a tenth of a GPU's memory
+    activation_checkpointing = False  # recompute each block's activations in backward: less memory for about a third more compute
     # faults
     max_nonfinite = 5  # stop after this many iterations in a row with a non-finite loss or gradient
     ddp_timeout = 600  # seconds a process waits for the others before it stops with an error
@@ -313,14 +318,15 @@ def load_start(config, optimizer_name, master, device):
     if init_from == 'resume':
         try:
             state, path = checkpoint.load_latest(config['out_dir'], map_location=device,
-                                                 warn=print if master else (lambda m: None), quarantine=master)
+                                                 warn=print if master else (lambda m: None), quarantine=master,
+                                                 model_tensors=False)
         except checkpoint.CheckpointError as e:
             raise UserError(str(e))
         if state is None:
             raise UserError(f"--init_from=resume but {config['out_dir']} holds no checkpoint; "
                             f"start with --init_from=scratch")
-    elif init_from.endswith('.pt'):
-        state, path = read_checkpoint_file(init_from, device), init_from
+    elif init_from.endswith(('.pt', '.dcp')):
+        state, path = read_checkpoint_file(init_from.rstrip(os.sep), device), init_from.rstrip(os.sep)
     else:
         return None, None
     if state['optimizer_name'] != optimizer_name:
@@ -335,9 +341,9 @@ def read_checkpoint_file(path, device):
     torch.compile's '_orig_mod.' prefixes and causal-mask buffers, model_args completed with the
     keys those scripts lack, the optimizer state (its layout is mapped in setup, see
     foreign_optimizer_state), the iteration and the best val loss. `foreign` names the writer."""
-    if os.path.exists(path[:-len('.pt')] + '.json'):
+    if os.path.exists(checkpoint.manifest_of(path)) or os.path.isdir(path):
         try:
-            return checkpoint.load_checkpoint(path, map_location=device)
+            return checkpoint.load_checkpoint(path, map_location=device, model_tensors=False)
         except checkpoint.CheckpointError as e:
             raise UserError(str(e))
     try:
@@ -398,7 +404,8 @@ def build_model(config, dataset_vocab, start_state, master):
     if start_state is not None:
         model_args = dict(start_state['model_args'], dropout=config['dropout'])
         model = GPT(GPTConfig(**model_args))
-        model.load_state_dict(start_state['model'])
+        if 'sharded' not in start_state:  # a sharded checkpoint loads once the model is (setup)
+            model.load_state_dict(start_state['model'])
     elif config['init_from'] == 'scratch':
         model = GPT(GPTConfig(**model_args))
     else:
@@ -412,15 +419,16 @@ def build_model(config, dataset_vocab, start_state, master):
         model_args['block_size'] = config['block_size']
     return model, model_args
 
-def foreign_optimizer_state(saved, model, optimizer, path):
-    """An optimizer state dict of the official Sophia scripts or nanoGPT in this optimizer's layout
-    and hyperparameters, and which layout it had ('ours' or 'official'). Its per-parameter state follows the order of its param groups: either
-    ours (nanoGPT since 2023: named_parameters order, matrices and embeddings in the first group),
-    or the official scripts' (names sorted, Linear weights in the first group; biases, LayerNorm
-    and embedding weights in the second), told apart by the groups' sizes and shapes."""
+def foreign_optimizer_state(saved, model, path):
+    """An optimizer state dict of the official Sophia scripts or nanoGPT, keyed by parameter name
+    (named_optimizer_state's form), and which layout it had ('ours' or 'official'). Its
+    per-parameter state follows the order of its param groups: either ours (nanoGPT since 2023:
+    named_parameters order, matrices and embeddings in the first group), or the official scripts'
+    (names sorted, Linear weights in the first group; biases, LayerNorm and embedding weights in
+    the second), told apart by the groups' sizes and shapes. Its param groups' hyperparameters
+    are not kept: this run's config sets them."""
     params = dict(model.named_parameters())  # the tied lm_head weight appears once, as wte's
     names = list(params)
-    ours = [[n for n in names if params[n].dim() >= 2], [n for n in names if params[n].dim() < 2]]
     linear = sorted(n for n in names if n.endswith(('.c_attn.weight', '.c_proj.weight', '.c_fc.weight')))
     official = [linear, sorted(n for n in names if n not in linear)]
     saved_groups = [group['params'] for group in saved['param_groups']]
@@ -429,16 +437,81 @@ def foreign_optimizer_state(saved, model, optimizer, path):
             return False
         return all(saved['state'][i]['exp_avg'].shape == params[n].shape
                    for group, ids in zip(layout, saved_groups) for n, i in zip(group, ids) if i in saved['state'])
-    name, layout = next(((name, layout) for name, layout in (('ours', ours), ('official', official))
+    name, layout = next(((name, layout) for name, layout in (('ours', parameter_groups(model)), ('official', official))
                          if fits(layout)), (None, None))
     if layout is None:
         raise UserError(f"the optimizer state in {path} does not match this model's parameters in "
                         f"nanoGPT's or the official scripts' layout; it cannot be continued here")
     by_name = {n: saved['state'][i] for group, ids in zip(layout, saved_groups)
                for n, i in zip(group, ids) if i in saved['state']}
-    index = {n: i for i, n in enumerate(n for group in ours for n in group)}  # configure_optimizers' order
-    return {'state': {index[n]: value for n, value in by_name.items()},
-            'param_groups': optimizer.state_dict()['param_groups']}, name
+    return {'state': by_name, 'param_groups': None}, name
+
+def parameter_groups(model):
+    """Parameter names in model.configure_optimizers' groups and order: matrices and embeddings
+    (decayed), then biases and LayerNorm gains."""
+    params = dict(model.named_parameters())
+    return [[n for n in params if params[n].dim() >= 2], [n for n in params if params[n].dim() < 2]]
+
+def named_optimizer_state(saved, model):
+    """This repository's optimizer state dict (keyed by position, as optimizer.state_dict()) keyed
+    by parameter name instead, the form torch.distributed.checkpoint's state dict functions take."""
+    groups = parameter_groups(model)
+    names = [n for group in groups for n in group]
+    return {'state': {names[i]: value for i, value in saved['state'].items()},
+            'param_groups': [dict(group, params=list(names_)) for group, names_ in zip(saved['param_groups'], groups)]}
+
+def load_named_optimizer_state(model, optimizer, named, sharded):
+    """Load a state dict keyed by parameter name (param_groups None: keep the optimizer's own
+    hyperparameters), into a sharded optimizer (each process takes its shards) or a plain one."""
+    groups = parameter_groups(model)
+    if named['param_groups'] is None:
+        named = dict(named, param_groups=[dict(group, params=list(names)) for group, names
+                                          in zip(optimizer.state_dict()['param_groups'], groups)])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+    else:
+        index = {n: i for i, n in enumerate(n for group in groups for n in group)}
+        optimizer.load_state_dict({'state': {index[n]: value for n, value in named['state'].items()},
+                                   'param_groups': [dict(group, params=[index[n] for n in group['params']])
+                                                    for group in named['param_groups']]})
+
+def load_sharded_checkpoint(model, optimizer, path):
+    """The model and optimizer state of a sharded checkpoint (checkpoint.save_sharded) into this
+    run's model and optimizer, sharded or not, on any number of processes: every process reads
+    what its own parameters need."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.load({'model': model_state, 'optimizer': optimizer_state}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+def shard_model(model, config, world_size, local_world_size, device_type, ptdtype):
+    """FSDP2: every transformer block, then the rest of the model (embeddings, final norm, the tied
+    output layer), sharded in place over all processes ('fsdp'), or within shard groups and
+    replicated across them ('hsdp', a 2-D mesh). Parameters stay float32 (the optimizer's master
+    copy); forward and backward compute in `ptdtype`, gradients are reduced in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if config['data_parallel'] == 'hsdp':
+        shard = config['shard_group_size'] or local_world_size
+        mesh = init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=('replicate', 'shard'))
+    else:
+        mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=('shard',))
+    reshard = config['reshard_after_forward']
+    if reshard == 'auto':
+        # keeping every block's gathered parameters from forward to backward saves an all-gather
+        # per block, at the memory of an unsharded model: worth it while that is small
+        gathered = sum(p.numel() for p in model.parameters()) * ptdtype.itemsize
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+            if device_type == 'cuda' else 0
+        reshard = 'false' if gathered < memory / 10 else 'true'
+    policy = MixedPrecisionPolicy(param_dtype=None if ptdtype == torch.float32 else ptdtype,
+                                  reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard == 'true')
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # needed first in backward
+    return mesh
 
 def optimizer_hyperparameters(optimizer_name, config):
     kwargs = dict(learning_rate=config['learning_rate'], weight_decay=config['weight_decay'],
@@ -472,6 +545,12 @@ class Run:
     def __post_init__(self):
         self.params = list(self.raw_model.parameters())
         self.flags = torch.zeros(2, device=self.device)  # allocated once, written in place
+
+    @property
+    def sharded(self):
+        """FSDP or HSDP: parameters, gradients and optimizer state are DTensors, each process
+        holding shards."""
+        return self.config['data_parallel'] != 'ddp'
 
     @property
     def is_sophia(self):
@@ -525,11 +604,19 @@ class RunState:
             state.sequences_drawn = start_state['batches_drawn'] * start_state['config']['batch_size']
         return state
 
-def set_gradient_sync(model, sync):
-    """Whether the next backward all-reduces the gradients: DDP does it on an iteration's last
-    micro-batch only."""
-    if isinstance(model, DDP):
-        model.require_backward_grad_sync = sync
+def set_gradient_sync(run, sync):
+    """Whether the next backward reduces the gradients over the processes: on an iteration's last
+    micro-batch only (DDP all-reduces them, FSDP reduce-scatters them to their shards)."""
+    if isinstance(run.model, DDP):
+        run.model.require_backward_grad_sync = sync
+    elif run.sharded:
+        run.raw_model.set_requires_gradient_sync(sync)
+
+def whole(tensor):
+    """A DTensor made whole on every process (a norm over sharded tensors comes as one), or the
+    tensor itself."""
+    from torch.distributed.tensor import DTensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 def forward_loss(model, X, Y, autocast):
     """Mean cross-entropy of one micro-batch."""
@@ -545,7 +632,7 @@ def forward_backward(run, first):
     start = first + run.rank * steps * batch_size
     total = torch.zeros((), device=run.device)
     for micro_step in range(steps):
-        set_gradient_sync(run.model, micro_step == steps - 1)
+        set_gradient_sync(run, micro_step == steps - 1)
         X, Y = run.batch(start + micro_step * batch_size)
         loss = forward_loss(run.model, X, Y, run.autocast) / steps
         total += loss.detach().float()
@@ -569,7 +656,7 @@ def clip_and_step(run, loss, stop_requested):
     momentum and Hessian EMA stay untouched. Returns (stepped, stop, grad_norm)."""
     scaler, optimizer = run.scaler, run.optimizer
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.config['grad_clip'] or math.inf)
+    grad_norm = whole(torch.nn.utils.clip_grad_norm_(run.params, run.config['grad_clip'] or math.inf))
     nonfinite = ~torch.isfinite(loss)
     if not scaler.is_enabled():  # under fp16 an inf gradient is the GradScaler's to handle
         nonfinite |= ~torch.isfinite(grad_norm)
@@ -608,7 +695,7 @@ def gnb_hessian_pass(run, micro_batches):
     the EMA of its square."""
     rng_devices = [run.device] if run.device.startswith('cuda') else []
     for micro_step, first in enumerate(micro_batches):
-        set_gradient_sync(run.model, micro_step == len(micro_batches) - 1)
+        set_gradient_sync(run, micro_step == len(micro_batches) - 1)
         X, _ = run.batch(first)
         # the labels' draw is a function of (seed, sequence) alone, as the data: the global RNG
         # is seeded for it and restored after, so dropout and the rest never see the difference
@@ -619,7 +706,7 @@ def gnb_hessian_pass(run, micro_batches):
     grads = [p.grad for p in run.params if p.grad is not None]
     if run.scaler.is_enabled():
         torch._foreach_mul_(grads, 1.0 / run.scaler.get_scale())  # unscale by hand: not a training step
-    norm = torch.nn.utils.clip_grad_norm_(run.params, run.config['hess_grad_clip'] or math.inf)
+    norm = whole(torch.nn.utils.clip_grad_norm_(run.params, run.config['hess_grad_clip'] or math.inf))
     finite = torch.isfinite(norm)
     if finite.item():  # a non-finite sampled gradient must not reach the Hessian EMA
         run.optimizer.update_hessian()
@@ -656,20 +743,24 @@ def hessian_due(run, iter_num):
     return run.is_sophia and iter_num % run.config['hess_interval'] == run.config['hess_interval'] - 1
 
 @torch.no_grad()
-def estimate_loss(model, config, paths, vocab_size, autocast, rank, world_size, device):
+def estimate_loss(model, config, paths, vocab_size, autocast, rank, world_size, device, lockstep=False):
     """Mean loss over the same `eval_iters` batches of each split every time (split across the
     processes), so successive estimates and different runs, whatever their seed, are measured on
-    identical data."""
+    identical data. With `lockstep` (FSDP, whose forward gathers parameters from all processes)
+    every process runs as many forwards, the last ones uncounted where eval_iters does not split."""
     out = {}
     model.eval()
+    batches = -(-config['eval_iters'] // world_size) * world_size if lockstep else config['eval_iters']
     for split in ('train', 'val'):
         total = torch.zeros((), device=device)
-        for k in range(rank, config['eval_iters'], world_size):
+        for k in range(rank, batches, world_size):
             # seed 0, not config['seed']: runs with different seeds are evaluated on the same text
             X, Y = get_batch(paths[split], 0, EVAL_STREAMS[split], k * config['batch_size'],
                              config['batch_size'], config['block_size'], vocab_size, device,
                              config['dataset'])
-            total += forward_loss(model, X, Y, autocast).float()
+            loss = forward_loss(model, X, Y, autocast).float()
+            if k < config['eval_iters']:
+                total += loss
         if world_size > 1:
             dist.all_reduce(total)
         out[split] = total.item() / config['eval_iters']
@@ -680,7 +771,7 @@ def evaluate(run, state, log):
     """Estimate train and val loss, log them with how long it took; returns whether val improved."""
     started = time.time()
     losses = estimate_loss(run.model, run.config, run.paths, run.vocab_size, run.autocast, run.rank,
-                           run.world_size, run.device)
+                           run.world_size, run.device, lockstep=run.sharded)
     state.eval_seconds = time.time() - started
     is_best = losses['val'] < state.best_val_loss
     state.best_val_loss = min(state.best_val_loss, losses['val'])
@@ -697,13 +788,20 @@ def save(run, state, model_args, is_best):
     gathering the RNG states)."""
     started = time.time()
     rng = gather_rng_states(run.world_size, run.device)  # a collective: every process takes part
+    meta = dict(format_version=checkpoint.FORMAT_VERSION, scaler=run.scaler.state_dict(), model_args=model_args,
+                config=run.config, optimizer_name=run.optimizer_name, rng=rng,
+                **{key: getattr(state, key) for key in RunState.SAVED})
+    if run.sharded:  # every process writes its shards
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_state, optimizer_state = get_state_dict(run.raw_model, run.optimizer)
+        state.checkpoint = checkpoint.save_sharded(
+            run.config['out_dir'], {'model': model_state, 'optimizer': optimizer_state}, meta, state.iter_num,
+            run.config['keep_last'], is_best, run.rank, run.world_size)
+    elif run.rank == 0:
+        state.checkpoint = checkpoint.save_checkpoint(
+            run.config['out_dir'], dict(meta, model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict()),
+            state.iter_num, run.config['keep_last'], is_best)
     if run.rank == 0:
-        saved = dict(format_version=checkpoint.FORMAT_VERSION, model=run.raw_model.state_dict(),
-                     optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
-                     model_args=model_args, config=run.config, optimizer_name=run.optimizer_name, rng=rng,
-                     **{key: getattr(state, key) for key in RunState.SAVED})
-        state.checkpoint = checkpoint.save_checkpoint(run.config['out_dir'], saved, state.iter_num,
-                                                      run.config['keep_last'], is_best)
         print(f"saved checkpoint {state.checkpoint} ({time.time() - started:.1f} s)")
 
 def duration(seconds):
@@ -747,7 +845,7 @@ class IntervalLog:
         if run.is_sophia and run.optimizer.state:  # no state before the first step or Hessian pass
             # bs given: after a resume, or when every step so far was skipped, no step() has set it
             values.update(run.optimizer.diagnostics(bs=run.bs))
-        values['param_norm'] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(run.params)))
+        values['param_norm'] = whole(torch.nn.utils.get_total_norm(run.params))
         if run.world_size > 1:
             dist.all_reduce(values['loss_sum'])  # the loss over all processes' micro-batches
         read = dict(zip(values, torch.stack([v.float() for v in values.values()]).tolist()))
@@ -866,7 +964,7 @@ def gather_rng_states(world_size, device):
 # -----------------------------------------------------------------------------
 # the run
 
-def setup(optimizer_name, config, sources, rank, world_size, device):
+def setup(optimizer_name, config, sources, rank, world_size, local_world_size, device):
     """The run's fixed parts and where it starts: out_dir checked, the data opened, the model built
     or continued, the optimizer (with its state when continuing), the model compiled and wrapped.
     Returns (run, state, model_args, exact): `exact` when the start is a checkpoint of ours, which
@@ -883,7 +981,7 @@ def setup(optimizer_name, config, sources, rank, world_size, device):
             verb = 'resuming from' if config['init_from'] == 'resume' else 'continuing'
             print(f"{verb} {start_path} (iteration {start['iter_num']})")
 
-    torch.manual_seed(config['seed'] + rank)  # dropout differs per process; data order does not
+    torch.manual_seed(config['seed'])  # the same initial model in every process (FSDP shards each's own)
     if device.startswith('cuda'):  # TF32 tensor cores for any float32 matmul left outside autocast
         torch.backends.cuda.matmul.fp32_precision = 'tf32'
         torch.backends.cudnn.conv.fp32_precision = 'tf32'
@@ -894,12 +992,27 @@ def setup(optimizer_name, config, sources, rank, world_size, device):
     model, model_args = build_model(config, dataset_vocab, start, master)
     check_token_ids(paths, model_args['vocab_size'], config['dataset'])
     model.to(device)
-    scaler = torch.amp.GradScaler(device_type, enabled=config['dtype'] == 'float16')
+    for block in model.transformer.h:
+        block.checkpointing = config['activation_checkpointing']
+    torch.manual_seed(config['seed'] + rank)  # dropout differs per process; data order does not
+    sharded = config['data_parallel'] != 'ddp'
+    if sharded:
+        shard_model(model, config, world_size, local_world_size, device_type, ptdtype)
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        # it agrees with the other processes on an overflow seen in any process's shards
+        scaler = ShardedGradScaler(device_type, enabled=config['dtype'] == 'float16')
+    else:
+        scaler = torch.amp.GradScaler(device_type, enabled=config['dtype'] == 'float16')
     optimizer = model.configure_optimizers(optimizer_name, device_type=device_type,
                                            **optimizer_hyperparameters(optimizer_name, config))
     exact = start is not None and 'foreign' not in start
     if exact:
-        optimizer.load_state_dict(start['optimizer'])
+        if 'sharded' in start:
+            load_sharded_checkpoint(model, optimizer, start['sharded'])
+        elif sharded:
+            load_named_optimizer_state(model, optimizer, named_optimizer_state(start['optimizer'], model), True)
+        else:
+            optimizer.load_state_dict(start['optimizer'])
         scaler.load_state_dict(start['scaler'])
         rng = start['rng'][rank] if len(start['rng']) == world_size else None
         if rng is not None:
@@ -907,14 +1020,16 @@ def setup(optimizer_name, config, sources, rank, world_size, device):
             if 'cuda' in rng:
                 torch.cuda.set_rng_state(rng['cuda'].cpu(), device)
         elif master:
-            print(f"warning: the checkpoint was written by {len(start['rng'])} processes, this "
-                  f"run has {world_size}: dropout randomness will differ from an uninterrupted run")
+            print(f"warning: the checkpoint was written by {len(start['rng'])} processes, this run has "
+                  f"{world_size}: the data position carries over, but dropout randomness, the order of float "
+                  f"sums over processes and, where the micro-batches split differently, the Hessian pass's "
+                  f"sampled labels differ from an uninterrupted run")
         if master and 'sequences_drawn' not in start:
             print("warning: the checkpoint was written before data was drawn per sequence: the run "
                   "continues at the same position of the data stream, with other windows of the text")
     elif start is not None:
-        optimizer_state, layout = foreign_optimizer_state(start['optimizer'], model, optimizer, start_path)
-        optimizer.load_state_dict(optimizer_state)
+        optimizer_state, layout = foreign_optimizer_state(start['optimizer'], model, start_path)
+        load_named_optimizer_state(model, optimizer, optimizer_state, sharded)
         if master:
             print(f"warning: {start_path} was written by {start['foreign']}: its model, optimizer state, "
                   f"iteration and best val loss carry over, but it holds no data position or RNG states, "
@@ -926,7 +1041,7 @@ def setup(optimizer_name, config, sources, rank, world_size, device):
         if master:
             print("compiling the model... (takes a minute)")
         model = torch.compile(model)
-    if world_size > 1:
+    if world_size > 1 and not sharded:
         model = DDP(model, device_ids=[int(device[5:])] if device_type == 'cuda' else None)
     run = Run(config, optimizer_name, model, raw_model, optimizer, scaler, autocast,
               batch_plan(config, sources, world_size), paths, model_args['vocab_size'], device, rank, world_size)
@@ -979,8 +1094,8 @@ def stop_run(run, state, stop_flag):
     raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at iteration {state.iter_num}; "
                           f"checkpoint {state.checkpoint}; resume with --init_from=resume", 128 + signum)
 
-def train(optimizer_name, config, sources, notes, rank, world_size, device, stop_flag):
-    run, state, model_args, exact = setup(optimizer_name, config, sources, rank, world_size, device)
+def train(optimizer_name, config, sources, notes, rank, world_size, local_world_size, device, stop_flag):
+    run, state, model_args, exact = setup(optimizer_name, config, sources, rank, world_size, local_world_size, device)
     peak = config['peak_flops'] or None
     if peak is None and device.startswith('cuda'):
         from model import device_peak_flops
@@ -1072,9 +1187,10 @@ def main(optimizer_name, defaults, argv, described=(), usage=''):
     try:
         notes = []
         config, sources = parse_args(defaults, argv, foreign_keys(optimizer_name), notes)
-        check_config(config, sources, world_size)
+        local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+        check_config(config, sources, world_size, local_world_size)
         rank, world_size, device = setup_distributed(config)
-        train(optimizer_name, config, sources, notes, rank, world_size, device, stop_flag)
+        train(optimizer_name, config, sources, notes, rank, world_size, local_world_size, device, stop_flag)
     except (ConfigError, UserError) as e:
         if master:  # every process finds the same mistake: say it once
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -693,6 +693,16 @@ BAD_INPUTS = {
         lambda d, o, t, m: (torch.save({'weights': torch.zeros(2)}, os.path.join(t, 'w.pt')),
                             ('sophiag', tiny_args(d, o, init_from=os.path.join(t, 'w.pt'))))[-1],
         'fresh', ['w.pt is not a training checkpoint']),
+    'FSDP on a device it cannot run on': (
+        lambda d, o, t, m: ('sophiag', resume(d, o, data_parallel='fsdp', device='mps')),
+        'run', ["data_parallel='fsdp'", "cannot run on device='mps'", '--data_parallel=ddp']),
+    'HSDP shard groups that do not divide the processes': (
+        lambda d, o, t, m: (m.setenv('WORLD_SIZE', '3'), m.setenv('RANK', '0'),
+                            ('sophiag', resume(d, o, data_parallel='hsdp', shard_group_size=2)))[-1],
+        'run', ["data_parallel='hsdp'", 'shard groups of 2 processes', 'do not divide the 3 processes']),
+    'Sophia-H under FSDP': (
+        lambda d, o, t, m: ('sophiag', resume(d, o, data_parallel='fsdp', hessian_estimator='hutchinson')),
+        'run', ["hessian_estimator='hutchinson'", 'double backward', '--hessian_estimator=gnb']),
     'dtype=bfloat16 on a GPU without it': (
         lambda d, o, t, m: (fake_gpu_without_bfloat16(m),
                             ('sophiag', resume(d, o, device='cuda', dtype='bfloat16')))[-1],

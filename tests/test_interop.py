@@ -151,7 +151,9 @@ def test_the_official_launch_arithmetic_on_two_processes_trains_like_one(tmp_pat
     b = torch.load(os.path.join(double, 'ckpt-00000006.pt'), weights_only=True)
     assert a['sequences_drawn'] == b['sequences_drawn'] == 6 * 8
     for key, value in a['model'].items():
-        torch.testing.assert_close(b['model'][key], value, rtol=1e-4, atol=1e-6)
+        # Adam's m / sqrt(v) of a coordinate with a near-zero gradient magnifies float-order noise:
+        # a few ulps of the lr; other training data would move coordinates by the lr itself (~1e-3)
+        torch.testing.assert_close(b['model'][key], value, rtol=1e-4, atol=1e-5)
 
 # -----------------------------------------------------------------------------
 # checkpoints of the official scripts and of nanoGPT
@@ -203,9 +205,9 @@ def test_a_foreign_optimizer_state_lands_on_the_same_parameters(tmp_path, kind):
     model.load_state_dict(state['model'])
     optimizer = model.configure_optimizers('sophiag' if kind == 'official' else 'adamw', 1e-3, 0.1, (0.9, 0.95),
                                            'cpu', rho=0.05)
-    mapped, layout = trainer.foreign_optimizer_state(state['optimizer'], model, optimizer, 'ckpt.pt')
+    named, layout = trainer.foreign_optimizer_state(state['optimizer'], model, 'ckpt.pt')
     assert layout == ('official' if kind == 'official' else 'ours')
-    optimizer.load_state_dict(mapped)
+    trainer.load_named_optimizer_state(model, optimizer, named, sharded=False)
     saved_params = dict(saved_model.named_parameters())
     keys = ('exp_avg', 'hessian') if kind == 'official' else ('exp_avg', 'exp_avg_sq')
     for name, param in model.named_parameters():

@@ -343,3 +343,27 @@ def test_cuda_bf16_matches_cpu_fp32():
     torch.testing.assert_close(logits.float().cpu(), expected, rtol=0, atol=0.05)
     peak = device_peak_flops('cuda', torch.bfloat16)
     assert peak is None or peak > 1e14
+
+
+def test_activation_checkpointing_recomputes_each_block_with_the_same_gradients(monkeypatch):
+    """A block with checkpointing runs its forward again in backward (one more call per block)
+    and gives the same gradients, bit for bit; without grad it runs once."""
+    from model import Block
+    calls = []
+    forward = Block._forward
+    monkeypatch.setattr(Block, '_forward', lambda self, x: (calls.append(self), forward(self, x))[1])
+    idx, targets = random_tokens(2, 10), random_tokens(2, 10, seed=3)
+    grads = {}
+    for checkpointing in (False, True):
+        model = tiny_gpt()
+        for block in model.transformer.h:
+            block.checkpointing = checkpointing
+        calls.clear()
+        model(idx, targets)[1].backward()
+        assert len(calls) == len(model.transformer.h) * (2 if checkpointing else 1)
+        grads[checkpointing] = [p.grad.clone() for p in model.parameters()]
+        calls.clear()
+        with torch.no_grad():
+            model(idx, targets)
+        assert len(calls) == len(model.transformer.h)
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
