@@ -804,6 +804,14 @@ def save(run, state, model_args, is_best):
     if run.rank == 0:
         print(f"saved checkpoint {state.checkpoint} ({time.time() - started:.1f} s)")
 
+def peak_memory(device):
+    """Bytes this process has needed at most: on a GPU the most its tensors took at once, on the CPU
+    its peak resident memory (everything: interpreter, libraries, tensors)."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
+
 def duration(seconds):
     """'1h02m', '3m05s' or '12s'."""
     seconds = int(round(seconds))
@@ -846,8 +854,11 @@ class IntervalLog:
             # bs given: after a resume, or when every step so far was skipped, no step() has set it
             values.update(run.optimizer.diagnostics(bs=run.bs))
         values['param_norm'] = whole(torch.nn.utils.get_total_norm(run.params))
+        peak = torch.tensor(float(peak_memory(run.device)), device=run.device)
         if run.world_size > 1:
             dist.all_reduce(values['loss_sum'])  # the loss over all processes' micro-batches
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the process that needed the most
+        values['peak_memory'] = peak
         read = dict(zip(values, torch.stack([v.float() for v in values.values()]).tolist()))
         self.loss_sum.zero_(), self.clip_count.zero_(), self.hessian_skips.zero_()
         dt = (state.train_time - self.train_time) / self.iters
@@ -858,7 +869,7 @@ class IntervalLog:
             row = {'kind': 'train', 'iter': state.iter_num, 'tokens': state.iter_num * run.tokens_per_iter,
                    'time': state.train_time, 'loss': loss, 'lr': lr, 'ms_per_iter': dt * 1000,
                    'tokens_per_s': run.tokens_per_iter / dt, 'mfu': mfu, 'param_norm': read['param_norm'],
-                   'skipped': self.skipped}
+                   'skipped': self.skipped, 'peak_memory_mb': read['peak_memory'] / 2 ** 20}
             if config['grad_clip'] > 0 and self.steps:
                 row['train/clip_rate'] = read['clip_count'] / self.steps
             line = (f"iter {state.iter_num}/{config['max_iters']}: loss {loss:.4f}, lr {lr:.2e}, "

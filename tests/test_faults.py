@@ -349,9 +349,9 @@ def test_log_lines_time_training_alone_and_say_what_is_left(tmp_path, dataset, m
     timed on its own line; the lines say iter k/N, an ETA that counts the evaluations still to
     come, and while Sophia's Hessian EMA is still warming up."""
     real = trainer.estimate_loss
-    def slow_estimate_loss(*args):
+    def slow_estimate_loss(*args, **kwargs):
         time.sleep(3)
-        return real(*args)
+        return real(*args, **kwargs)
     monkeypatch.setattr(trainer, 'estimate_loss', slow_estimate_loss)
     out = str(tmp_path / 'out')
     status, stdout, _ = call_main(capsys, tiny_args(dataset, out, max_iters=12, eval_interval=4,
