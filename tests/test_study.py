@@ -187,25 +187,27 @@ def test_tiny_study_trains_only_missing_runs_and_rebuilds_its_report(tmp_path, c
     assert record['corpus']['fingerprint'] == fingerprint and record['wall_seconds'] > 0 and record['date']
     assert record['command'].startswith('python train_sophiag.py ') and '--hess_micro_steps=1' in record['command']
 
-    result = check_ok(run_study(*args))
-    assert result.stdout.count('  training ') == 1 and '  training sophiag-lr0.01-rho0.05-seed2-hess1 ...' in result.stdout
-    assert 'every run of the study is done' in result.stdout
+    study.train_committed(suite, study.Results(suite, str(root)), max_runs=None, time_budget=None)
+    out = capsys.readouterr().out
+    assert out.count('  training ') == 1 and '  training sophiag-lr0.01-rho0.05-seed2-hess1 ...' in out
+    assert 'every run of the study is done' in out
     for name, seed in (('sophiag-lr0.01-rho0.05-hess1', 1), ('sophiag-lr0.01-rho0.05-seed2-hess1', 2)):
         with open(root / 'study' / 'tiny' / f'{name}.jsonl') as f:
             config = next(json.loads(line) for line in f if '"kind": "config"' in line)['config']
         # the Hessian pass on a quarter of the step's micro-batches, all else as the best Sophia-G
         assert config['hess_micro_steps'] == config['gradient_accumulation_steps'] // 4 == 1
         assert (config['seed'], config['rho'], config['learning_rate'], config['hess_interval']) == (seed, 0.05, 1e-2, 10)
+
+    # the script on a complete study trains nothing more; its report comes out the same, byte for byte
+    logs = snapshot(root)
+    result = check_ok(run_study(*args))
+    assert '  training ' not in result.stdout and 'every run of the study is done' in result.stdout
+    done = snapshot(root)
+    assert all(done[name] == logs[name] for name in logs if name.startswith('study'))
     text = section(root, 'tiny')
     assert 'Missing runs' not in text and '**Result.**' in text and 'Ablation' in text
     assert f'fingerprint {fingerprint[:16]}' in text and '| 2 | 8.6000 | 8.5000 |' in text
-    assert (root / 'assets' / 'study_tiny.png').read_bytes().startswith(b'\x89PNG')
-
-    # a complete study trains nothing more, and its report comes out the same, byte for byte
-    done = snapshot(root)
-    result = check_ok(run_study(*args))
-    assert '  training ' not in result.stdout and 'every run of the study is done' in result.stdout
-    assert snapshot(root) == done
+    assert done['assets/study_tiny.png'].startswith(b'\x89PNG')
     check_ok(run_study('--suite=tiny', '--report_only', f'--root={root}'))  # no --dataset: the logs suffice
     assert snapshot(root) == done
 
