@@ -64,7 +64,7 @@ from tqdm import tqdm
 # the tokenizer lives at the repository root, two folders up; this script runs standalone
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # noqa: E402
+from tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_encoding  # noqa: E402
 
 EXCLUDED_FOLDERS = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
 MAX_FILE_BYTES = 1_000_000  # larger Python files are data tables, not code
@@ -152,7 +152,7 @@ def encode_file(job):
             return f"a line over {MAX_LINE_CHARS:,} characters", content_hash, None, None
         text = f"# file: {name}\n{text}" + ("" if text.endswith("\n") else "\n")
     tokens = gpt2_encoding().encode_ordinary(text)
-    tokens.append(GPT2_VOCAB_SIZE - 1)  # <|endoftext|> closes every file
+    tokens.append(GPT2_EOT_TOKEN)  # <|endoftext|> closes every file
     return None, content_hash, hashlib.sha256(text.encode("utf-8")).digest(), np.array(tokens, dtype=np.uint16)
 
 
