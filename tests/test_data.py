@@ -1,9 +1,8 @@
 """
 Tests for the data pipeline: tokenizer.py and the data/*/prepare.py scripts, all offline.
 
-GPT-2 BPE needs the GPT-2 ranks; tiktoken would download them from a blob store, so the tests take
-them from the openai-whisper sdist on PyPI instead (whisper/assets/gpt2.tiktoken), cached in
-~/.cache/sophia-gpt2-test, or from $GPT2_RANKS_FILE when that is set.
+GPT-2 BPE needs the GPT-2 ranks: the gpt2_ranks_file fixture (conftest.py) takes them from the
+openai-whisper sdist on PyPI.
 """
 
 import importlib.util
@@ -14,7 +13,6 @@ import platform
 import subprocess
 import sys
 import sysconfig
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -26,37 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import tokenizer  # noqa: E402
 
-WHISPER_SDIST = "openai-whisper==20250625"
 EOT = 50256
-
-
-@pytest.fixture(scope="session")
-def gpt2_ranks_file():
-    """Path of a GPT-2 ranks file in tiktoken format, downloaded with pip once and cached."""
-    if os.environ.get("GPT2_RANKS_FILE"):
-        path = os.environ["GPT2_RANKS_FILE"]
-        if not os.path.isfile(path):
-            pytest.fail(f"GPT2_RANKS_FILE={path} does not exist; unset it to let the tests download it")
-        return path
-    cache = Path.home() / ".cache" / "sophia-gpt2-test"
-    ranks = cache / "gpt2.tiktoken"
-    if not ranks.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", WHISPER_SDIST,
-               "-d", str(cache)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.fail(f"`{' '.join(cmd)}` failed (the GPT-2 tests need PyPI, or GPT2_RANKS_FILE set "
-                        f"to a local gpt2.tiktoken):\n{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
-        sdist = next(cache.glob("openai*whisper-20250625.tar.gz"))
-        with tarfile.open(sdist) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
-            contents = tar.extractfile(member).read()
-        # write, then rename: a parallel test session never reads half a file
-        tmp = ranks.with_name(f"gpt2.tiktoken.{os.getpid()}.tmp")
-        tmp.write_bytes(contents)
-        os.replace(tmp, ranks)
-    return str(ranks)
 
 
 def run_script(name, *args, env=None):
@@ -322,6 +290,145 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, name, args, complaint):
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
+# ----------------------------------------------------------------------------- python_code
+
+def read_meta(out_dir):
+    with open(Path(out_dir) / "meta.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+def expected_tokens(enc, texts, names, header):
+    """What a split's .bin must hold: each file's text (behind its header line for Python
+    files, closed by a newline), then EOT, in the order of `names`."""
+    ids = []
+    for name in names:
+        text = texts[name]
+        if header:
+            text = f"# file: {name}\n{text}" + ("" if text.endswith("\n") else "\n")
+        ids += enc.encode_ordinary(text) + [EOT]
+    return ids
+
+
+def make_python_roots(tmp_path):
+    """Two import roots, the second nested in the first, with one file for every rule.
+    Returns (roots, {name: text} of the files that must be kept)."""
+    lib = tmp_path / "lib"
+    kept = {f"mod{i}.py": f"def f{i}():\n    return {i}  # naïve\n" for i in range(40)}  # mod20.py goes to val
+    kept.update({"pkg/core.py": "import os\n\nROOT = os.getcwd()\n", "pkg/nofinalnewline.py": "x = 1",
+                 "edge_line.py": "#" * 1000 + "\n", "copy_b.py": kept["mod3.py"], "extra.py": "y = 2\n"})
+    files = {name: text for name, text in kept.items() if name != "extra.py"}
+    files.update({"test/test_x.py": "t = 1\n", "pkg/tests/t.py": "t = 2\n", "idlelib/idle_test/t.py": "t = 3\n",
+                  "site-packages/third.py": "t = 4\n", "dist-packages/d.py": "t = 5\n", "notes.txt": "not python\n",
+                  "empty.py": "  \n\n", "huge.py": "x = 1\n" * 170_000, "longline.py": "s = '" + "a" * 1000 + "'\n",
+                  "plugins/extra.py": kept["extra.py"], "plugins/mod1.py": "shadowed = True\n"})
+    for name, text in files.items():
+        (lib / name).parent.mkdir(parents=True, exist_ok=True)
+        (lib / name).write_text(text)
+    (lib / "bad.py").write_bytes(b"s = '\xff'\n")  # not UTF-8
+    del kept["mod3.py"]  # the same bytes as copy_b.py, which comes first by name
+    return [lib, lib / "plugins"], kept
+
+
+def test_python_code_rules_split_and_tokens(gpt2_ranks_file, tmp_path, monkeypatch):
+    roots, kept = make_python_roots(tmp_path)
+    result = check_ok(run_script("python_code", "--roots", *roots, "--out_dir", tmp_path / "out", "--num_proc", 2,
+                                 env={"GPT2_RANKS_FILE": gpt2_ranks_file}))
+    meta = read_meta(tmp_path / "out")
+    assert sorted(meta["train_files"] + meta["val_files"]) == sorted(kept)
+    assert meta["val_files"] == ["mod20.py"]
+    assert meta["train_files"] == sorted(name for name in kept if zlib.crc32(name.encode()) % 20)
+    assert meta["skipped"] == {"not UTF-8": 1, "empty": 1, "over 1,000,000 bytes": 1,
+                               "a line over 1,000 characters": 1, "same bytes as an earlier file": 1,
+                               "shadowed by an earlier folder": 1}
+    assert (meta["source"], meta["vocab_size"], meta["files"]) == ("python", 50257, len(kept))
+    monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
+    enc = tokenizer.gpt2_encoding()
+    for split in ("train", "val"):
+        ids = read_bin(tmp_path / "out" / f"{split}.bin").tolist()
+        assert ids == expected_tokens(enc, kept, meta[f"{split}_files"], header=True), split
+        assert meta[f"{split}_tokens"] == len(ids) and f"{split} has {len(ids):,} tokens" in result.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["meta.pkl", "train.bin", "val.bin"]
+
+
+def test_python_code_is_deterministic(gpt2_ranks_file, tmp_path):
+    # one process or two, the same bytes and fingerprint; a changed file changes the fingerprint
+    roots, _ = make_python_roots(tmp_path)
+    env = {"GPT2_RANKS_FILE": gpt2_ranks_file}
+    for out, processes in (("one", 1), ("two", 2)):
+        check_ok(run_script("python_code", "--roots", *roots, "--out_dir", tmp_path / out, "--num_proc", processes, env=env))
+    for name in ("train.bin", "val.bin", "meta.pkl"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    (roots[0] / "mod5.py").write_text("changed = True\n")
+    check_ok(run_script("python_code", "--roots", *roots, "--out_dir", tmp_path / "changed", env=env))
+    fingerprint = read_meta(tmp_path / "one")["fingerprint"]
+    assert len(fingerprint) == 64 and read_meta(tmp_path / "changed")["fingerprint"] != fingerprint
+
+
+def test_python_code_on_a_folder_of_text_files(gpt2_ranks_file, tmp_path, monkeypatch):
+    texts = {"a.txt": "Hello world\n", "sub/b.md": "naïve café — “quoted”", "doc0.txt": "held out\n" * 20}
+    folder = tmp_path / "texts"
+    for name, text in {**texts, ".hidden.txt": "hidden\n", ".git/config": "[core]\n", "dup.txt": texts["a.txt"],
+                       "empty.txt": ""}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    (folder / "image.dat").write_bytes(b"\x89PNG\xff\xfe")
+    check_ok(run_script("python_code", "--input_dir", folder, "--out_dir", tmp_path / "out",
+                        env={"GPT2_RANKS_FILE": gpt2_ranks_file}))
+    meta = read_meta(tmp_path / "out")
+    assert (meta["train_files"], meta["val_files"]) == (["a.txt", "sub/b.md"], ["doc0.txt"])
+    assert meta["skipped"] == {"empty": 1, "not UTF-8": 1, "same bytes as an earlier file": 1}
+    assert meta["source"] == "text" and meta["roots"] == [str(folder)]
+    monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
+    enc = tokenizer.gpt2_encoding()
+    for split in ("train", "val"):  # the text as it is: no header line
+        ids = read_bin(tmp_path / "out" / f"{split}.bin").tolist()
+        assert ids == expected_tokens(enc, texts, meta[f"{split}_files"], header=False), split
+
+
+def test_python_code_interpreter_roots():
+    roots = load_script("python_code").interpreter_roots()
+    assert roots[0] == os.path.realpath(sysconfig.get_paths()["stdlib"])
+    assert any(os.path.basename(root) in ("site-packages", "dist-packages") for root in roots)
+    assert all(os.path.isdir(root) and not root.startswith(str(REPO) + os.sep) for root in roots)
+
+
+def test_python_code_interrupted_leaves_nothing(gpt2_ranks_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_RANKS_FILE", gpt2_ranks_file)
+    roots, _ = make_python_roots(tmp_path)
+    prepare = load_script("python_code")
+    monkeypatch.setitem(sys.modules, prepare.__name__, prepare)  # the workers' function is found by its module
+    real_tqdm = prepare.tqdm
+
+    def interrupted_tqdm(iterable, **kwargs):  # Ctrl-C after three files were written
+        for i, item in enumerate(real_tqdm(iterable, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(prepare, "tqdm", interrupted_tqdm)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(["--roots", *map(str, roots), "--out_dir", str(tmp_path / "out"), "--num_proc", "1"])
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_python_code_mistakes_are_one_line(gpt2_ranks_file, tmp_path):
+    roots, _ = make_python_roots(tmp_path)
+    (tmp_path / "few").mkdir()
+    (tmp_path / "few" / "a.txt").write_text("only train\n")
+    env = {"GPT2_RANKS_FILE": gpt2_ranks_file}
+    for args, message in [(["--input_dir", tmp_path / "missing"], "is not a directory"),
+                          (["--roots", roots[0], tmp_path / "missing"], "is not a directory"),
+                          (["--input_dir", roots[0], "--roots", roots[0]], "exclude each other"),
+                          (["--num_proc", "0"], "--num_proc must be >= 1"),
+                          (["--input_dir", tmp_path / "few"], "falls into val"),
+                          (["--no_such_option"], "unrecognized arguments")]:
+        result = run_script("python_code", *args, "--out_dir", tmp_path / "out", env=env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (args, result.stderr)
+        assert lines[0].startswith("error: ") and message in lines[0], args
+        assert not (tmp_path / "out" / "train.bin").exists()
+
+
 # ----------------------------------------------------------------------------- openwebtext
 
 def make_documents(count=300):
@@ -483,7 +590,8 @@ def test_shakespeare_download_failure_is_one_line(tmp_path, name):
     assert os.listdir(tmp_path) == []  # no partial input.txt to be mistaken for the text later
 
 
-@pytest.mark.parametrize("name", ["stdlib_char", "stdlib", "openwebtext", "shakespeare_char", "shakespeare"])
+@pytest.mark.parametrize("name", ["stdlib_char", "stdlib", "python_code", "openwebtext", "shakespeare_char",
+                                  "shakespeare"])
 def test_prepare_help(name):
     result = check_ok(run_script(name, "--help"))
     assert "--out_dir" in result.stdout and "writes" in result.stdout.lower()
