@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ROOT, check_ok, make_char_dataset, run_script, tiny_args
-from test_data import gpt2_ranks_file  # noqa: F401  (session fixture: GPT-2 ranks from PyPI, offline after)
 
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
