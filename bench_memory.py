@@ -10,8 +10,10 @@ Each configuration runs the real training script under torchrun for a few iterat
 pass after every step for Sophia-G, so its pass is counted) on random tokens, with micro-batches of
 one short sequence so that the model, its gradients and the optimizer state are what fills memory,
 and reads the peak the script logs (`peak_memory_mb` in metrics.jsonl, the largest over the
-processes): peak resident memory on the CPU (everything in the process, the interpreter and the
-libraries included), the most memory tensors took at once on a GPU. A run that does not fit (out of
+processes): peak resident memory on the CPU (everything in the process, the interpreter, the
+libraries and the whole model each process builds before FSDP shards it included; glibc is told
+to return large freed blocks, MALLOC_MMAP_THRESHOLD_), the most memory tensors took at once on a
+GPU. A run that does not fit (out of
 memory) is reported as such, so the largest model that fits shows in the table.
 
 Float32 parameters cost 4 bytes each, their gradients 4 more, and either optimizer 8 (two state
@@ -53,6 +55,10 @@ def measure(model, parallel, optimizer, args, data, out_dir):
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={args.nproc}',
                os.path.join(ROOT, SCRIPTS[optimizer])] + [f'--{k}={v}' for k, v in config.items()]
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    # glibc raises its mmap threshold up to 32 MB after large frees, then serves such blocks from
+    # the heap, which it keeps mapped after they are freed: resident memory would count every
+    # buffer FSDP ever gathered. A fixed threshold returns large blocks to the system when freed
+    env.setdefault('MALLOC_MMAP_THRESHOLD_', str(1 << 20))
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
         text = result.stdout + result.stderr

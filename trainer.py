@@ -1002,11 +1002,12 @@ def setup(optimizer_name, config, sources, rank, world_size, local_world_size, d
 
     model, model_args = build_model(config, dataset_vocab, start, master)
     check_token_ids(paths, model_args['vocab_size'], config['dataset'])
-    model.to(device)
+    sharded = config['data_parallel'] != 'ddp'
+    if not sharded:  # fully_shard moves one block at a time and keeps its shard: no whole model on a GPU
+        model.to(device)
     for block in model.transformer.h:
         block.checkpointing = config['activation_checkpointing']
     torch.manual_seed(config['seed'] + rank)  # dropout differs per process; data order does not
-    sharded = config['data_parallel'] != 'ddp'
     if sharded:
         shard_model(model, config, world_size, local_world_size, device_type, ptdtype)
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
