@@ -1,15 +1,21 @@
 """Shared by the end-to-end tests: a tiny dataset, the tiny model's arguments, running the real
-training scripts in a subprocess, and reading what they wrote."""
+training scripts in a subprocess or their main() in this process, and reading what they wrote."""
 
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 
 import numpy as np
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import trainer  # noqa: E402
+from train_adam import adam_defaults  # noqa: E402
+from train_sophiag import sophiag_defaults  # noqa: E402
 
 def make_char_dataset(folder):
     """A character-level dataset from this repository's own Python files (about 100k characters),
@@ -60,3 +66,26 @@ def read_metrics(out_dir, kind=None):
 def train_losses(out_dir):
     """{iter: loss} of the train rows; a later row for the same iteration wins, as after a resume."""
     return {row['iter']: row['loss'] for row in read_metrics(out_dir, 'train')}
+
+def run_main(args, optimizer='sophiag'):
+    """trainer.main in this process, as the training script calls it, on one thread; returns the
+    exit status. The signal handlers main installs are put back afterwards."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.main(optimizer, sophiag_defaults() if optimizer == 'sophiag' else adam_defaults(), args)
+    except SystemExit as e:
+        return e.code
+    finally:
+        torch.set_num_threads(threads)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    raise AssertionError("trainer.main returned instead of exiting")
+
+def call_main(capsys, args, optimizer='sophiag'):
+    """run_main, and what it printed: (status, stdout, stderr)."""
+    capsys.readouterr()
+    status = run_main(args, optimizer)
+    out, err = capsys.readouterr()
+    return status, out, err

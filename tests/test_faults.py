@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, check_ok, make_char_dataset, read_metrics, run_script, tiny_args, train_losses
+from helpers import (ROOT, call_main, check_ok, make_char_dataset, read_metrics, run_main, run_script, tiny_args,
+                     train_losses)
 
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
@@ -41,29 +42,6 @@ WAIT = 180  # seconds: only a run that hangs, the failure these tests look for, 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     return make_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny_char'))
-
-def run_main(args, optimizer='sophiag'):
-    """trainer.main in this process, as the training script calls it, on one thread; returns the
-    exit status. The signal handlers main installs are put back afterwards."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer.main(optimizer, sophiag_defaults() if optimizer == 'sophiag' else adam_defaults(), args)
-    except SystemExit as e:
-        return e.code
-    finally:
-        torch.set_num_threads(threads)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    raise AssertionError("trainer.main returned instead of exiting")
-
-def call_main(capsys, args, optimizer='sophiag'):
-    """run_main, and what it printed: (status, stdout, stderr)."""
-    capsys.readouterr()
-    status = run_main(args, optimizer)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 @pytest.fixture(scope='module')
 def reference(dataset, tmp_path_factory):
