@@ -1,0 +1,97 @@
+"""
+Mutation score of the optimizer (sophia.py) and of the Sophia-specific parts of the training loop
+(trainer.py's Hessian pass, its schedule and the optimizer's hyperparameters), with mutmut: each
+mutant is a copy of one function with one small change (an operator, a constant, an argument
+dropped), and the tests that reach that function run against it. A mutant is killed when a test
+fails, and survives otherwise; the score is the share killed. Not part of CI: it takes about an
+hour on 2 cores.
+
+    $ pip install mutmut
+    $ python mutation_score.py                    # runs what is not yet done, then reports
+    $ python mutation_score.py --report_only      # the report of what has run
+    $ python mutation_score.py 'trainer.x_hessian_due__mutmut_*'   # some of the mutants only
+    $ mutmut show 'sophia.x_sample_labels__mutmut_15'    # one mutant's change
+
+mutmut works in a copy of the repository under mutants/ (ignored by git) and keeps its results
+there, so an interrupted run goes on where it stopped; the tests it runs per mutant are the fast
+selection in pyproject.toml's [tool.mutmut] (test_sophia.py, test_hessian.py, test_faults.py's
+non-finite cases), and among them those that reach the mutated function (measured by mutmut in
+this process: tests that start the training scripts in a subprocess do not count as reaching it).
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# what is mutated: every function of sophia.py, and these of trainer.py (the rest of the loop is
+# shared with AdamW and checked by the end-to-end tests, not here)
+TARGETS = ['sophia.*'] + [f'trainer.x_{name}__mutmut_*' for name in (
+    'hessian_pass', 'gnb_hessian_pass', 'hutchinson_hessian_pass', 'hessian_due', 'sampled_loss',
+    'optimizer_hyperparameters')] + ['trainer.xǁIntervalLogǁhessian_pass__mutmut_*']
+# mutmut's exit codes of a mutant's test run (mutmut.stats.status_by_exit_code)
+KILLED, SURVIVED = 'killed', 'survived'
+
+def function_of(mutant):
+    return re.sub(r'__mutmut_\d+$', '', mutant).replace('ǁ', '.').replace('.x_', '.').replace('.x.', '.')
+
+def results(patterns):
+    """{mutant name: status} of the mutants matching `patterns` that have run."""
+    from mutmut.stats import status_by_exit_code
+    import fnmatch
+    found = {}
+    for path in glob.glob(os.path.join(ROOT, 'mutants', '*.py.meta')):
+        with open(path) as f:
+            exit_codes = json.load(f)['exit_code_by_key']
+        for mutant, code in exit_codes.items():
+            if code is not None and any(fnmatch.fnmatch(mutant, pattern) for pattern in patterns):
+                found[mutant] = status_by_exit_code[code]
+    return found
+
+def report(found):
+    """The score, per function and overall, and the surviving mutants' changes."""
+    counts = Counter(found.values())
+    decided = counts[KILLED] + counts[SURVIVED] + counts['timeout']
+    score = (counts[KILLED] + counts['timeout']) / decided if decided else float('nan')
+    print(f"mutation score: {score:.1%} ({counts[KILLED]} killed, {counts['timeout']} timed out, "
+          f"{counts[SURVIVED]} survived; {sum(counts.values()) - decided} neither: {dict(counts)})")
+    by_function = {}
+    for mutant, status in found.items():
+        by_function.setdefault(function_of(mutant), Counter())[status] += 1
+    print(f"\n| function | mutants | killed | survived |\n|---|---|---|---|")
+    for function, c in sorted(by_function.items()):
+        print(f"| `{function}` | {sum(c.values())} | {c[KILLED] + c['timeout']} | {c[SURVIVED]} |")
+    survivors = sorted(mutant for mutant, status in found.items() if status == SURVIVED)
+    if survivors:
+        print(f"\nsurviving mutants ({len(survivors)}):")
+    for mutant in survivors:
+        shown = subprocess.run(['mutmut', 'show', mutant], capture_output=True, text=True, cwd=ROOT).stdout
+        changed = [line for line in shown.splitlines() if line[:2] in ('- ', '+ ')]
+        print(f"  {mutant}")
+        for line in changed:
+            print(f"      {line}")
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--report_only', action='store_true', help='report the mutants that have run')
+    parser.add_argument('patterns', nargs='*', default=TARGETS, help='mutant names (globs) to run and report')
+    args = parser.parse_args()
+    if shutil.which('mutmut') is None:
+        parser.exit(2, "error: mutmut is not installed; pip install mutmut\n")
+    if not args.report_only:
+        # one thread per test process: mutmut runs mutants side by side, and libgomp's thread
+        # pool does not survive the fork mutmut starts each mutant with
+        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+        status = subprocess.run(['mutmut', 'run'] + args.patterns, cwd=ROOT, env=env).returncode
+        if status != 0:
+            parser.exit(status, f"error: mutmut run exited with status {status}\n")
+    report(results(args.patterns))
+
+if __name__ == '__main__':
+    sys.exit(main())
