@@ -278,7 +278,7 @@ def bench(config, plan, names):
             run_config = dict(config, dataset=scratch)  # named in the errors get_batch may raise
 
         torch.manual_seed(config['seed'])
-        model, model_args = trainer.build_model(config, dataset_vocab, None, True)
+        model, model_args = trainer.build_model(config, dataset_vocab, None)
         vocab_size = model_args['vocab_size']
         benches = [OptimizerBench(name, model, run_config, plan, device, paths, vocab_size) for name in names]
         del model

@@ -312,8 +312,9 @@ def seed_of(*key):
 
 def load_start(config, optimizer_name, master, device):
     """The checkpoint a run continues: with init_from='resume' the newest good one in out_dir, with
-    init_from a .pt file that file (read_checkpoint_file). Returns (state, path), (None, None) for
-    a new model. The state is in this repository's checkpoint format (see save)."""
+    init_from a .pt file or a sharded run's .dcp folder that one (read_checkpoint_file). Returns
+    (state, path), (None, None) for a new model. The state is in this repository's checkpoint
+    format (see save); a sharded one's tensors are loaded later, into the built model (setup)."""
     init_from = config['init_from']
     if init_from == 'resume':
         try:
@@ -394,7 +395,7 @@ def adopt_model_args(config, sources, model_args, path):
         if config[key] != saved[key]:
             config[key], sources[key] = saved[key], f"the checkpoint {path}"
 
-def build_model(config, dataset_vocab, start_state, master):
+def build_model(config, dataset_vocab, start_state):
     """A GPT from scratch, from a checkpoint's model args and weights, or from pretrained GPT-2
     weights, for a dataset of vocabulary dataset_vocab (None: no meta.pkl). Returns (model,
     model_args)."""
@@ -627,7 +628,7 @@ def forward_loss(model, X, Y, autocast):
 def forward_backward(run, first):
     """Forward and backward over this process's micro-batches of an iteration whose global sequences
     start at `first`. Returns the mean loss of those micro-batches, a 0-dim device tensor (no host
-    sync); the gradients, scaled by the GradScaler, are summed over the processes."""
+    sync); the gradients, scaled by the GradScaler, are averaged over the processes."""
     steps, batch_size = run.plan.micro_steps, run.config['batch_size']
     start = first + run.rank * steps * batch_size
     total = torch.zeros((), device=run.device)
@@ -1000,7 +1001,7 @@ def setup(optimizer_name, config, sources, rank, world_size, local_world_size, d
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[config['dtype']]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 
-    model, model_args = build_model(config, dataset_vocab, start, master)
+    model, model_args = build_model(config, dataset_vocab, start)
     check_token_ids(paths, model_args['vocab_size'], config['dataset'])
     sharded = config['data_parallel'] != 'ddp'
     if not sharded:  # fully_shard moves one block at a time and keeps its shard: no whole model on a GPU
