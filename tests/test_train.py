@@ -5,17 +5,40 @@ import os
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import ROOT, check_ok, make_char_dataset, read_metrics, run_script, tiny_args, train_losses
 
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
 import trainer  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     return make_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny_char'))
+
+def eval_loss_by_hand(state, dataset, split):
+    """A checkpoint's model's mean loss over the evaluation windows of a split, the windows read here
+    from the token file: inputs a window's first block_size tokens, targets the block_size after
+    the first. What estimate_loss must log for that model."""
+    config = state['config']
+    model = GPT(GPTConfig(**state['model_args']))
+    model.load_state_dict(state['model'])
+    model.eval()
+    data = np.memmap(os.path.join(dataset, f'{split}.bin'), dtype=np.uint16, mode='r')
+    block, batch = config['block_size'], config['batch_size']
+    losses = []
+    for k in range(config['eval_iters']):  # seed 0: the same windows for every run
+        starts = trainer.window_starts(0, trainer.EVAL_STREAMS[split], k * batch, batch, len(data) - block)
+        windows = torch.from_numpy(np.stack([data[s:s + block + 1] for s in starts]).astype(np.int64))
+        with torch.no_grad():
+            logits, _ = model(windows[:, :-1], all_logits=True)
+        losses.append(F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item())
+    return sum(losses) / len(losses)
 
 def final_model(out_dir):
     state = torch.load(sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))[-1], weights_only=True)
@@ -33,6 +56,11 @@ def test_training_lowers_the_loss_and_logs_everything(tmp_path, dataset, script,
     evals = read_metrics(out, 'eval')
     assert [row['iter'] for row in evals] == [0, 15, 30]
     assert evals[-1]['val/loss'] < evals[0]['val/loss'] - 0.5  # ln(vocab) ~ 4.4 at the start
+    # and the logged losses are next-token losses on windows of the token files: targets taken from
+    # the inputs themselves would drop faster and pass the line above
+    for split in ('train', 'val'):
+        assert evals[-1][f'{split}/loss'] == pytest.approx(eval_loss_by_hand(final_model(out), dataset, split),
+                                                          rel=1e-5)
     train = read_metrics(out, 'train')
     assert [row['iter'] for row in train] == [5, 10, 15, 20, 25, 30]
     assert train[-1]['tokens'] == 30 * 256 and train[-1]['time'] > 0
@@ -46,12 +74,14 @@ def test_training_lowers_the_loss_and_logs_everything(tmp_path, dataset, script,
         assert train[-1]['hessian_norm'] > 0  # the Hessian passes ran (at iterations 2, 5, 8, ...)
     else:
         assert 'train/win_rate' not in train[-1]
-    # checkpoints: the last keep_last=3 plus best, each with its manifest
-    names = sorted(os.listdir(out))
-    assert [n for n in names if n.startswith('ckpt-') and n.endswith('.pt')] == \
-        ['ckpt-00000012.pt', 'ckpt-00000018.pt', 'ckpt-00000030.pt'] or \
-        len([n for n in names if n.startswith('ckpt-') and n.endswith('.pt')]) == 3
-    assert 'best.pt' in names and 'best.json' in names
+    # checkpoints are written every checkpoint_interval=6, at the end, and at an evaluation that
+    # improves val loss (15, or none): the newest keep_last=3 of them are 18, 24 and 30 either way,
+    # beside best, each with its manifest
+    assert sorted(os.listdir(out)) == ['best.json', 'best.pt', 'ckpt-00000018.json', 'ckpt-00000018.pt',
+                                       'ckpt-00000024.json', 'ckpt-00000024.pt', 'ckpt-00000030.json',
+                                       'ckpt-00000030.pt', 'metrics.jsonl']
+    best = min(evals[1:], key=lambda row: row['val/loss'])  # iteration 0 is evaluated, never saved
+    assert checkpoint.load_checkpoint(os.path.join(out, 'best.pt'))['iter_num'] == best['iter']  # verified, loaded
     state = final_model(out)  # loads with weights_only=True
     assert state['iter_num'] == 30 and state['optimizer_name'] == config_row['optimizer']
     assert state['config']['max_iters'] == 30
@@ -143,3 +173,4 @@ def test_model_vocabulary_pads_gpt2_bpe_only():
     # GPT-2 BPE (or no meta.pkl) -> 50304 as the official runs; character vocabularies stay exact
     assert trainer.model_vocab_size(None) == trainer.model_vocab_size(50257) == 50304
     assert [trainer.model_vocab_size(v) for v in (65, 100, 1023, 1024, 1025, 50304)] == [65, 100, 1023, 1024, 1088, 50304]
+
