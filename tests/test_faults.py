@@ -8,6 +8,7 @@ logged training loss, bit for bit. Every process runs on one thread: the machine
 shared, and one thread everywhere also keeps the float summation order the same in every run."""
 
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -584,8 +585,35 @@ def fake_gpu_without_bfloat16(monkeypatch):
 def resume(dataset, out, **overrides):
     return tiny_args(dataset, out, init_from='resume', **overrides)
 
+def finished_checkpoint(tmp):
+    """The copy of finished_run's last checkpoint that the test puts in its tmp dir."""
+    return os.path.join(tmp, 'finished', 'ckpt-00000004.pt')
+
+def nanogpt_checkpoint_of_another_optimizer_layout(tmp):
+    """A checkpoint as nanoGPT writes one (no format_version, no optimizer_name), of the finished
+    run's model, but with an optimizer state of one group of two tensors: another model's."""
+    state = checkpoint.load_checkpoint(finished_checkpoint(tmp))
+    path = os.path.join(tmp, 'nanogpt.pt')
+    model_args = {key: state['model_args'][key] for key in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias',
+                                                            'vocab_size')}
+    torch.save(dict(model=state['model'], model_args=model_args, iter_num=4, best_val_loss=3.0, config={},
+                    optimizer={'state': {}, 'param_groups': [dict(lr=1e-3, params=[0, 1])]}), path)
+    return path
+
+def hf_model_with_a_small_vocabulary(tmp, monkeypatch):
+    """A Hugging Face GPT-2 folder whose 50-token vocabulary cannot hold the character dataset's.
+    transformers draws a progress bar on stderr as it loads the weights, before the error: off."""
+    import transformers
+    monkeypatch.setattr(transformers.utils.logging, '_tqdm_active', False)
+    config = transformers.GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=50,
+                                     bos_token_id=49, eos_token_id=49)
+    path = os.path.join(tmp, 'hf')
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
 # case: (a function of (dataset, out_dir, tmp dir, monkeypatch) returning (optimizer, arguments),
-#        the out_dir: 'run' (a copy of finished_run) or 'fresh' (none yet), what the line must say)
+#        the out_dir: 'run' (a copy of finished_run), 'fresh' (none yet) or 'files' (a folder of
+#        the user's that holds no run: a file and an empty folder), what the line must say)
 BAD_INPUTS = {
     'unknown key in a config file': (
         lambda d, o, t, m: ('sophiag', [config_file(t, 'max_iters = 8\nlearning_rat = 1e-3\n')] + resume(d, o)),
@@ -630,7 +658,7 @@ BAD_INPUTS = {
         'run', ['token id', "the model's vocab_size"]),
     'token ids beyond the vocabulary (new run)': (
         lambda d, o, t, m: ('sophiag', tiny_args(damaged_dataset(d, os.path.join(t, 'small'), 'small'), o)),
-        'fresh', ['token id', "the model's vocab_size 10"]),
+        'files', ['token id', "the model's vocab_size 10"]),
     'checkpoint of another model shape': (
         lambda d, o, t, m: ('sophiag', resume(d, o, n_layer=3)),
         'run', ['of another model:', 'n_layer=3 (checkpoint: 2)']),
@@ -685,17 +713,53 @@ BAD_INPUTS = {
         lambda d, o, t, m: (fake_gpu_without_bfloat16(m),
                             ('sophiag', resume(d, o, device='cuda', dtype='bfloat16')))[-1],
         'run', ["dtype='bfloat16' is not supported on Tesla V100", '--dtype=float16']),
+    # new runs started from a file or folder into an out_dir of the user's: found inside train()
+    'init_from a checkpoint of another optimizer': (
+        lambda d, o, t, m: ('adamw', tiny_args(d, o, False, init_from=finished_checkpoint(t))),
+        'files', ['trained with sophiag, not adamw', 'train_sophiag.py']),
+    'init_from a checkpoint of another model shape': (
+        lambda d, o, t, m: ('sophiag', tiny_args(d, o, n_layer=3, init_from=finished_checkpoint(t))),
+        'files', ['of another model:', 'n_layer=3 (checkpoint: 2)']),
+    "init_from a nanoGPT checkpoint whose optimizer state is another model's": (
+        lambda d, o, t, m: ('adamw', tiny_args(d, o, False,
+                                               init_from=nanogpt_checkpoint_of_another_optimizer_layout(t))),
+        'files', ["does not match this model's parameters", 'cannot be continued here']),
+    'init_from a Hugging Face model with a smaller vocabulary than the data': (
+        lambda d, o, t, m: ('adamw', tiny_args(d, o, False, init_from=hf_model_with_a_small_vocabulary(t, m))),
+        'files', ['has vocab_size', "larger than", "'s 50; use a GPT-2 BPE dataset"]),
+}
+
+# the cases that main() finds before train() runs (parsing, check_config, setup_distributed): out_dir
+# is never looked at, so for them the snapshot below cannot fail. Every other case must reach
+# train(), where out_dir exists and holds what the snapshot compares
+FOUND_BEFORE_TRAIN = {
+    'unknown key in a config file', 'unknown key on the command line', 'mistyped value in a config file',
+    'mistyped value on the command line', 'mistyped boolean', 'Sophia key given to AdamW',
+    'negative gradient accumulation', 'processes x batch x accumulation is not total_bs',
+    'total_bs that the processes cannot split', 'unknown init_from', 'missing config file',
+    'device=cuda without CUDA', 'nccl backend on a CPU', "an official config's optimizer_name for the other script",
+    'FSDP on a device it cannot run on', 'HSDP shard groups that do not divide the processes', 'Sophia-H under FSDP',
+    'dtype=bfloat16 on a GPU without it',
 }
 
 def snapshot(folder):
-    """Every file under folder with its bytes."""
+    """Every file under folder with its size and sha256, and every folder under it, an empty one
+    too (the folder itself is left out: a new run may create its out_dir, which blocks no retry)."""
     found = {}
-    for parent, _, names in os.walk(folder):
+    for parent, folders, names in os.walk(folder):
+        for name in folders:
+            found[os.path.relpath(os.path.join(parent, name), folder) + os.sep] = 'folder'
         for name in names:
             path = os.path.join(parent, name)
             with open(path, 'rb') as f:
-                found[os.path.relpath(path, folder)] = f.read()
+                found[os.path.relpath(path, folder)] = (os.path.getsize(path), hashlib.sha256(f.read()).hexdigest())
     return found
+
+def users_files(folder):
+    """An out_dir the user made that holds no run: notes and an empty folder for plots."""
+    os.makedirs(os.path.join(folder, 'plots'))
+    with open(os.path.join(folder, 'notes.txt'), 'w') as f:
+        f.write('lr sweep: try 3e-3 next\n')
 
 @pytest.mark.parametrize('case', list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path, dataset, finished_run, monkeypatch, capsys, case):
@@ -705,7 +769,14 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, dataset, finished_r
     out = str(tmp_path / 'out')
     if out_dir_kind == 'run':
         shutil.copytree(finished_run, out)
+    elif out_dir_kind == 'files':
+        users_files(out)
+    shutil.copytree(finished_run, tmp_path / 'finished')  # for the cases that start from its checkpoint
     before = snapshot(out)
+    assert before or out_dir_kind == 'fresh'
+    entered = []
+    train = trainer.train
+    monkeypatch.setattr(trainer, 'train', lambda *args: (entered.append(True), train(*args))[1])
     optimizer, args = call(dataset, out, str(tmp_path), monkeypatch)
     status, _, err = call_main(capsys, args, optimizer)
     assert status == 2, err[-3000:]
@@ -714,7 +785,8 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, dataset, finished_r
     assert len(lines) == 1 and lines[0].startswith('error: '), err[-3000:]
     for fragment in expected:
         assert fragment in lines[0]
-    assert snapshot(out) == before  # byte for byte; a new run leaves nothing that blocks a retry
+    assert bool(entered) == (case not in FOUND_BEFORE_TRAIN)
+    assert snapshot(out) == before  # sizes and hashes; nothing added, removed or emptied
 
 def test_the_script_itself_prints_only_the_line(tmp_path, dataset):
     """The same through the real script in a subprocess: stderr is the one line, nothing more."""

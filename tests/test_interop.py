@@ -131,7 +131,7 @@ def test_nanogpt_keys_are_understood(tmp_path):
 def test_the_official_launch_arithmetic_on_two_processes_trains_like_one(tmp_path, dataset):
     """nproc 2 x batch_size 2 x accumulation 2 = total_bs 8, as the official README writes a launch,
     trains on the same sequences as one process with micro-batches of 4: the data is drawn per
-    sequence, so the losses and parameters agree up to float summation order. AdamW: Sophia's
+    sequence, so the losses, parameters and optimizer state agree up to float summation order. AdamW: Sophia's
     signed steps while its Hessian is still zero turn float-order noise in near-zero momentum into
     full steps of opposite sign (same batch split, as in test_train, they agree)."""
     single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
@@ -154,6 +154,14 @@ def test_the_official_launch_arithmetic_on_two_processes_trains_like_one(tmp_pat
         # Adam's m / sqrt(v) of a coordinate with a near-zero gradient magnifies float-order noise:
         # a few ulps of the lr; other training data would move coordinates by the lr itself (~1e-3)
         torch.testing.assert_close(b['model'][key], value, rtol=1e-4, atol=1e-5)
+    # and AdamW's state: both moments agree as whole tensors (norm-relative: one entry may carry
+    # float-order noise; a gradient missing one process's share moves the whole tensor)
+    for index, state in a['optimizer']['state'].items():
+        assert int(b['optimizer']['state'][index]['step']) == int(state['step']) == 6
+        for name in ('exp_avg', 'exp_avg_sq'):
+            other = b['optimizer']['state'][index][name]
+            relative = torch.linalg.vector_norm(other - state[name]) / torch.linalg.vector_norm(state[name])
+            assert relative < 1e-4, (index, name, relative)
 
 # -----------------------------------------------------------------------------
 # checkpoints of the official scripts and of nanoGPT

@@ -267,3 +267,101 @@ def test_report_refuses_runs_that_do_not_belong_together(tmp_path, mix):
     assert message.startswith('error: ') and '\n' not in message
     assert ('adamw-lr0.01.jsonl was made with n_embd=32 (the suite now sets 16)' in message if mix == 'settings'
             else 'different corpora' in message and 'eeeeeeee' in message)
+
+# -----------------------------------------------------------------------------
+# the cpu suite's report, from planted out_dirs (its real runs take an hour)
+
+def plant_cpu_run(root, spec, final, seconds_per_iter, win_rate=None):
+    """An out_dir of the cpu suite under root/out-study, as a finished run leaves its metrics.jsonl:
+    val loss falling in a straight line from 4.0 at iteration 0 to `final` at 800 (so the crossing
+    of any loss in between is exact under linear interpolation), training time proportional to
+    iterations, Sophia-G's win rate climbing to `win_rate` at the last train row."""
+    c = study.CPU.config
+    name = study.run_name(study.CPU, spec)
+    rows = [dict(kind='config', run_name=name, optimizer=spec.optimizer, iter=0,
+                 config=study.run_config(study.CPU, spec, out_dir=f'out-study/{name}'))]
+    for it in range(0, c['max_iters'] + 1, c['eval_interval']):
+        loss = 4.0 - (4.0 - final) * it / c['max_iters']
+        rows.append({'kind': 'eval', 'iter': it, 'time': it * seconds_per_iter, 'train/loss': loss, 'val/loss': loss})
+    for it in range(c['log_interval'], c['max_iters'] + 1, c['log_interval']):
+        row = dict(kind='train', iter=it, time=it * seconds_per_iter, loss=4.0 - (4.0 - final) * it / c['max_iters'])
+        if spec.optimizer == 'sophiag':
+            row['train/win_rate'] = win_rate * it / c['max_iters']
+        rows.append(row)
+    folder = root / 'out-study' / name
+    folder.mkdir(parents=True)
+    (folder / 'metrics.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+
+def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
+    """The cpu study's 18 runs planted with known losses: AdamW's best learning rate is the
+    largest of its sweep (a note says so), Sophia-G's best is rho 0.2 from the rho sweep; per seed
+    Sophia-G reaches AdamW's final loss at 768 and 777 iterations and not at all with seed 1339."""
+    root = tmp_path / 'repo'
+    root.mkdir()
+    (root / 'README.md').write_text("# project\n\n<!-- study:begin -->\nstale\n<!-- study:end -->\n\nafter\n")
+    adam = dict(zip(study.CPU.adam_lrs, (2.0, 1.9, 1.8, 1.7, 1.6)))
+    sophia = dict(zip(study.CPU.sophia_lrs, (2.1, 1.9, 1.7, 1.75, 1.8, 2.0)))
+    for lr, final in adam.items():
+        plant_cpu_run(root, Spec('adamw', lr, None, 1337), final, 0.5)
+    for lr, final in sophia.items():
+        plant_cpu_run(root, Spec('sophiag', lr, 0.05, 1337), final, 0.55, win_rate=0.2)
+    for rho, final in zip(study.CPU.rho_sweep, (1.72, 1.5, 1.65)):
+        plant_cpu_run(root, Spec('sophiag', 5e-4, rho, 1337), final, 0.55, win_rate=0.03)
+    for seed, adam_final, sophia_final, win_rate in ((1338, 1.62, 1.55, 0.05), (1339, 1.58, 1.65, 0.04)):
+        plant_cpu_run(root, Spec('adamw', 1.6e-2, None, seed), adam_final, 0.5)
+        plant_cpu_run(root, Spec('sophiag', 5e-4, 0.2, seed), sophia_final, 0.55, win_rate=win_rate)
+
+    result = check_ok(run_study('--report_only', f'--root={root}'))
+    readme = (root / 'README.md').read_text()
+    assert readme.startswith('# project\n\n<!-- study:begin -->\n') and readme.endswith('<!-- study:end -->\n\nafter\n')
+    text = readme.split('<!-- study:begin -->\n')[1].split('\n<!-- study:end -->')[0]
+    assert (root / 'assets' / 'study.md').read_text() == text
+    for plot in ('study_val_loss.png', 'study_train_loss.png'):
+        assert (root / 'assets' / plot).read_bytes().startswith(b'\x89PNG') and f'assets/{plot}' in result.stdout
+    # 5 x 400 s of AdamW and 13 x 440 s of Sophia-G over the 18 runs: 127 minutes
+    assert '127 minutes of training summed over the runs' in text
+    assert '4 layers, 4 heads, 128 wide, 64-character\ncontext, 32 sequences per step (2,048 tokens)' in text
+    assert 'Sophia-G did not reach AdamW\'s final val loss within 800 iterations in 1 of 3 seeds; where it did, ' \
+           'the speed-up was 1.04×, 1.03×.' in text
+    assert ('win rate (fraction of coordinates not clipped) of 0.030–0.050' in text
+            and '1 − 0.99^80 = 55%' in text)
+    # the sweeps: every run of phases 1 and 2 with its final loss, the two best marked
+    assert '| adamw | 0.016 | — | 1.6000 **(best)** |' in text and '| adamw | 0.008 | — | 1.7000 |' in text
+    assert '| sophiag | 0.0005 | 0.05 | 1.7000 |' in text and '| sophiag | 0.0005 | 0.2 | 1.5000 **(best)** |' in text
+    assert text.count('**(best)**') == 2 and text.count('\n| sophiag | ') == 6 + 3
+    assert ("Note: adamw's best learning rate (0.016) is the largest of its sweep: the optimum may lie beyond "
+            "it.") in text
+    assert 'Best AdamW (lr 0.016) and best Sophia-G (lr 0.0005, rho 0.2) over three seeds' in text
+    # per seed: AdamW's final loss the target; iterations to it by interpolation, their speed-up,
+    # and seconds (0.55 s an iteration) against AdamW's 400
+    assert '| 1337 | 1.6000 | 1.5000 | 768 | 1.04× | 1.06 |' in text
+    assert '| 1338 | 1.6200 | 1.5500 | 777 | 1.03× | 1.07 |' in text
+    assert '| 1339 | 1.5800 | 1.6500 | — | — | — |' in text
+    assert 'trained for 1.6M\ntokens' in text
+
+    # every seed reaching the target: the verdict gives the mean speed-up and its range
+    (root / 'out-study' / 'sophiag-lr0.0005-rho0.2-seed1339').joinpath('metrics.jsonl').unlink()
+    (root / 'out-study' / 'sophiag-lr0.0005-rho0.2-seed1339').rmdir()
+    plant_cpu_run(root, Spec('sophiag', 5e-4, 0.2, 1339), 1.45, 0.55, win_rate=0.04)
+    monkeypatch.setattr(sys, 'argv', ['study.py', '--report_only', f'--root={root}'])
+    study.main()
+    text = (root / 'assets' / 'study.md').read_text()
+    assert '| 1339 | 1.5800 | 1.4500 | 759 | 1.05× | 1.04 |' in text  # 759.2 iterations, 417.6 s
+    assert ("Sophia-G reached AdamW's final val loss in 768 of 800 iterations on average: a speed-up of "
+            "1.04× in steps (range 1.03–1.05× over 3 seeds).") in text
+
+    # a run missing: the report is refused, the README kept, and --dry_run says what is left to run
+    (root / 'out-study' / 'adamw-lr0.016-seed1339' / 'metrics.jsonl').unlink()
+    readme = (root / 'README.md').read_bytes()
+    result = run_study('--report_only', f'--root={root}')
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"error: phase 3 of the study is not finished (1 runs missing in {root / 'out-study'}); run python study.py"]
+    assert (root / 'README.md').read_bytes() == readme
+    capsys.readouterr()
+    monkeypatch.setattr(sys, 'argv', ['study.py', '--dry_run', f'--root={root}'])
+    study.main()
+    plan = capsys.readouterr().out
+    assert plan.count('   done    ') == 17 and plan.count('   to run  ') == 1
+    to_run = next(line for line in plan.splitlines() if line.startswith('   to run  '))
+    assert to_run.startswith('   to run  python train_adam.py ') and '--learning_rate=0.016' in to_run
+    assert '--seed=1339' in to_run and f"--out_dir={root / 'out-study' / 'adamw-lr0.016-seed1339'}" in to_run
