@@ -203,7 +203,9 @@ class GPT(nn.Module):
             raise ValueError(f"unknown model {model_type!r}: use gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                              f"or the path of a local Hugging Face GPT-2 directory")
         from transformers import GPT2LMHeadModel # here, so that training from scratch does not need it
+        from transformers.utils import logging as hf_logging
         print(f"loading weights from pretrained gpt: {model_type}")
+        hf_logging.disable_progress_bar() # its bar on stderr would stand beside an error's one line
         model_hf = GPT2LMHeadModel.from_pretrained(model_type)
         hf = model_hf.config
         # refuse the GPT-2 variants this module does not implement rather than load them silently wrong

@@ -75,10 +75,7 @@ def main(argv):
         if start.startswith('FILE:'):
             with open(start[5:], encoding='utf-8') as f:
                 start = f.read()
-        try:
-            ids = encode(start)
-        except KeyError as e:
-            raise UserError(f"the prompt holds a character the model's vocabulary lacks: {e}")
+        ids = encode(start)  # a character the vocabulary lacks is a ValueError naming it
     except (ConfigError, UserError, checkpoint.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -601,10 +601,8 @@ def nanogpt_checkpoint_of_another_optimizer_layout(tmp):
     return path
 
 def hf_model_with_a_small_vocabulary(tmp, monkeypatch):
-    """A Hugging Face GPT-2 folder whose 50-token vocabulary cannot hold the character dataset's.
-    transformers draws a progress bar on stderr as it loads the weights, before the error: off."""
+    """A Hugging Face GPT-2 folder whose 50-token vocabulary cannot hold the character dataset's."""
     import transformers
-    monkeypatch.setattr(transformers.utils.logging, '_tqdm_active', False)
     config = transformers.GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=50,
                                      bos_token_id=49, eos_token_id=49)
     path = os.path.join(tmp, 'hf')
