@@ -56,6 +56,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per candidate and run (median reported)")
     parser.add_argument("--runs", type=int, default=3, help="times the whole round-robin measurement is repeated")
     parser.add_argument("--skip-reference", action="store_true", help="skip the slow single-tensor SophiaG")
+    parser.add_argument("--n_layer", type=int, default=12, help="the shapes' layers (GPT-2 small's 12)")
+    parser.add_argument("--n_embd", type=int, default=768, help="the shapes' width (GPT-2 small's 768)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -64,7 +66,7 @@ def main():
             torch.cuda.synchronize()
 
     generator = torch.Generator(device=device).manual_seed(0)
-    shapes = gpt2_small_shapes()
+    shapes = gpt2_small_shapes(args.n_layer, args.n_embd)
     # one set of parameters and gradients shared by all optimizers: each step only moves the values
     params = [torch.nn.Parameter(0.02 * torch.randn(s, device=device, generator=generator)) for s in shapes]
     for p in params:

@@ -106,3 +106,33 @@ def test_mistakes_are_one_line(args, message):
     assert result.returncode == 2
     assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, result.stderr
     assert message in result.stderr
+
+def test_bench_optimizer_times_every_candidate_and_its_floor():
+    """bench_optimizer.py on small shapes: a row per implementation, optimizer and floor with a
+    median and a range over the runs, and the two ratio lines the README quotes."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench_optimizer.py'), '--device=cpu', '--runs=2',
+                             '--repeats=2', '--n_layer=1', '--n_embd=32'], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith('9 tensors, 1.65M values, device cpu')  # 1 layer of 32 and the 50,304 x 32 embedding
+    rows = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r'^(\S.*?)\s+([\d.]+) \(([\d.]+)-([\d.]+)\)\s+([\d.]+)', line)
+        if match:
+            rows[match[1]] = [float(value) for value in match.groups()[1:]]
+    assert set(rows) == {'SophiaG default', 'SophiaG reference', 'SophiaG foreach', 'SophiaG fused', 'AdamW foreach',
+                         'AdamW fused', 'update_hessian (default)', 'floor of SophiaG, 24 B', 'floor of AdamW, 28 B',
+                         'floor of update_hessian, 12 B'}
+    adam_low, adam_high = rows['AdamW fused'][1:3]
+    for name, (median, low, high, ratio) in rows.items():
+        assert 0 < low <= median <= high, name
+        # the ratio column is the median of per-run ratios, between the extreme ratios of the
+        # printed ranges (each printed to 0.05 ms)
+        assert (low - 0.05) / (adam_high + 0.05) - 0.01 <= ratio <= (high + 0.05) / (adam_low - 0.05) + 0.01, name
+    assert rows['AdamW fused'][3] == 1.0
+    step = re.search(r'^default SophiaG step / AdamW fused: ([\d.]+) \(([\d.]+)-([\d.]+)\) \(target <= 0.9\)$',
+                     result.stdout, re.M)
+    hessian = re.search(r'^update_hessian / floor of its bytes: ([\d.]+) \(', result.stdout, re.M)
+    assert step and hessian, result.stdout
+    assert float(step[2]) <= float(step[1]) <= float(step[3])
+    assert float(step[1]) == rows['SophiaG default'][3]  # the summary line is the table's ratio
