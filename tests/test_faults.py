@@ -461,6 +461,15 @@ def test_a_nan_hessian_pass_leaves_the_hessian_untouched(tmp_path, dataset, monk
     assert [rows[it]['hessian_skipped'] for it in range(1, 8)] == [0, 0, 0, 0, 0, 1, 0]
     assert all(rows[it]['skipped'] == 0 for it in rows)
 
+@pytest.mark.parametrize('bad_calls, skipped', [({0}, 1), ({0, 2}, 2)])  # the first pass; both passes
+def test_a_log_row_counts_every_skipped_hessian_pass_since_the_last(tmp_path, dataset, monkeypatch, capsys,
+                                                                   bad_calls, skipped):
+    poison(monkeypatch, trainer, 'sampled_loss', bad_calls)
+    out = str(tmp_path / 'out')
+    status, _, _ = call_main(capsys, tiny_args(dataset, out, **dict(NAN_RUN, log_interval=7)))
+    assert status == 0
+    assert rows_by_iter(out)[7]['hessian_skipped'] == skipped  # passes at 2 and 5, one row at 7
+
 @pytest.mark.parametrize('first_bad, checkpoint_interval, named', [
     (2, 2, 'the last good checkpoint is {out}/ckpt-00000004.pt'),
     (0, 100, 'no checkpoint was saved yet')])

@@ -71,6 +71,22 @@ def test_gnb_ema_is_the_square_of_the_mean_sampled_gradient(dataset, tmp_path, h
         torch.testing.assert_close(h, 0.5 * grads[name] ** 2, rtol=1e-5, atol=1e-12, msg=lambda m: f"{name}: {m}")
     assert state['sequences_drawn'] == 8 + micro_steps * 4
 
+def test_float16_hessian_pass_unscales_what_the_grad_scaler_scaled(dataset, tmp_path):
+    """Under float16 the loss is multiplied by the GradScaler's scale (2^16) before backward; the pass
+    must divide its gradients by it before they are squared. Recomputed in float32: float16's
+    rounding moves the EMA by a few percent, a missing or doubled unscaling by a factor 2^32 or 4."""
+    state, config = first_pass(dataset, str(tmp_path / 'out'), dtype='float16', hess_grad_clip=0.0)
+    assert state['scaler']['scale'] == 2.0 ** 16  # nothing overflowed: the scale the pass used
+    model = model_of(state)
+    grads = sampled_gradient(model, config, pass_batches(config, dataset, 2, first=8))
+    stored = hessians(state, model)
+    total = sum(h.sum() for h in stored.values())
+    expected = sum((0.5 * g ** 2).sum() for g in grads.values())
+    assert total == pytest.approx(expected.item(), rel=0.1)
+    for name, h in stored.items():
+        torch.testing.assert_close(h, 0.5 * grads[name] ** 2, rtol=0.25, atol=1e-3 * h.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
+
 def test_an_active_hess_grad_clip_scales_the_sampled_gradient(dataset, tmp_path):
     state, config = first_pass(dataset, str(tmp_path / 'out'), hess_grad_clip=1e-3)
     model = model_of(state)
@@ -121,13 +137,15 @@ def test_steps_take_bs_the_hessian_batch_tokens(dataset, tmp_path, monkeypatch, 
     assert seen and set(seen) == {bs}
     assert f"tokens (bs = {bs:,})" in stdout
 
-def test_two_processes_hold_the_state_one_process_holds(dataset, tmp_path):
+@pytest.mark.parametrize('estimator', ['gnb', 'hutchinson'])
+def test_two_processes_hold_the_state_one_process_holds(dataset, tmp_path, estimator):
     """A config where the Hessian acts (EMA warm after one pass, rho large: most coordinates take the
     curvature-scaled step): after 6 iterations with 3 Hessian passes, the Hessian EMA, momentum and
     parameters of a 2-process run are those of 1 process with the same global batches. A Hessian pass
     whose gradients were not summed over the processes makes the EMA of each its own."""
     config = dict(max_iters=6, batch_size=2, total_bs=8, hess_interval=2, beta2=0.5, rho=50.0,
-                  learning_rate=1e-2, min_lr=1e-3, checkpoint_interval=6, eval_interval=100)
+                  learning_rate=1e-2, min_lr=1e-3, checkpoint_interval=6, eval_interval=100,
+                  hessian_estimator=estimator)
     single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
     check_ok(run_script('train_sophiag.py', tiny_args(dataset, single, **config)))
     launcher = [__import__('sys').executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']

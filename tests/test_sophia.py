@@ -304,10 +304,30 @@ def test_old_state_dict_with_float_step_loads():
     state_dict = opt.state_dict()
     state_dict["state"][0]["step"] = 1.0  # a plain float, as very old checkpoints hold
     for group in state_dict["param_groups"]:
-        del group["foreach"], group["fused"]
+        del group["foreach"], group["fused"], group["maximize"], group["capturable"]
     opt.load_state_dict(state_dict)
     opt.step()
-    assert opt.state[p]["step"].item() == 2 and opt.param_groups[0]["fused"] is None
+    assert opt.state[p]["step"].item() == 2 and opt.state[p]["step"].dtype == torch.float32
+    group = opt.param_groups[0]
+    assert (group["fused"], group["foreach"], group["maximize"], group["capturable"]) == (None, False, False, False)
+
+
+def test_a_copied_optimizer_steps_and_knows_it_has_not_stepped():
+    """Pickling keeps an optimizer's defaults, state and groups (Optimizer.__getstate__), not the bs
+    of its last step: a copy steps as the original does and asks for bs before its own first step."""
+    p = torch.ones(3, requires_grad=True)
+    opt = SophiaG([p], lr=0.1, foreach=False)
+    p.grad = torch.tensor([1.0, -2.0, 3.0])
+    opt.update_hessian()
+    opt.step(bs=2)
+    copied = copy.deepcopy(opt)
+    with pytest.raises(ValueError, match="no step"):
+        copied.diagnostics()
+    twin = copied.param_groups[0]["params"][0]
+    twin.grad = p.grad.clone()
+    opt.step(bs=2)
+    copied.step(bs=2)
+    assert torch.equal(twin, p) and torch.equal(copied.state[twin]["exp_avg"], opt.state[p]["exp_avg"])
 
 
 def test_quadratic_converges(fused_cpu):
@@ -409,6 +429,18 @@ def test_hutchinson_estimate_is_hessian_diagonal():
     assert_unbiased([s[1] for s in samples], exact_w2)
 
 
+def test_hutchinson_gives_zeros_where_the_loss_is_linear_in_a_param():
+    """Zeros for a param whose gradient has no path back to it (it depends on an input that
+    requires grad, not on a param) and when no param has curvature at all."""
+    x = torch.randn(3, requires_grad=True)  # an input, not a param: grad of a is x
+    a, c = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+    estimates = hutchinson_hessian((a * x).sum() + (c ** 2).sum(), [a, c], generator=torch.Generator())
+    assert torch.equal(estimates[0], torch.zeros(3))
+    assert torch.equal(estimates[1], torch.full((2,), 2.0))  # u * (2 u) with u = ±1
+    linear = hutchinson_hessian((2 * a).sum() + c.sum(), [a, c], generator=torch.Generator())
+    assert torch.equal(linear[0], torch.zeros(3)) and torch.equal(linear[1], torch.zeros(2))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lr=-1.0), "Invalid learning rate: -1.0"),
     (dict(betas=(1.0, 0.99)), "Invalid beta parameter at index 0: 1.0"),
@@ -420,6 +452,62 @@ def test_hutchinson_estimate_is_hessian_diagonal():
 def test_invalid_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SophiaG([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 1.0), (0.9, 1.5)])
+def test_beta2_of_one_or_more_is_refused(betas):
+    with pytest.raises(ValueError, match=f"Invalid beta parameter at index 1: {betas[1]}"):
+        SophiaG([torch.zeros(2, requires_grad=True)], betas=betas)
+
+
+def test_documented_defaults_and_the_closed_ends_of_each_range():
+    opt = SophiaG([torch.zeros(2, requires_grad=True)])
+    assert opt.defaults == dict(lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, maximize=False,
+                                capturable=False, foreach=None, fused=None)
+    p = torch.ones(2, requires_grad=True)
+    edge = SophiaG([p], lr=0.0, betas=(0.0, 0.0), rho=0.0, weight_decay=0.0, foreach=False)  # all allowed
+    p.grad = torch.tensor([1.0, -1.0])
+    edge.update_hessian()
+    edge.step()
+    assert torch.equal(p, torch.ones(2))  # lr 0 moves nothing
+    torch.testing.assert_close(edge.state[p]["exp_avg"], p.grad)  # beta1 0: the gradient itself
+
+
+def test_default_implementation_is_the_fused_kernel_where_it_applies(fused_cpu):
+    """fused for contiguous fp32 or bf16 tensors of one dtype, foreach otherwise (fp16, fp64, mixed
+    dtypes, a non-contiguous tensor); foreach=False is the reference, fused=True falls back likewise."""
+    opt = SophiaG([torch.zeros(2, requires_grad=True)])
+    def choice(dtypes, contiguous=(True, True, True, True), **flags):
+        group = dict(opt.param_groups[0], **flags)
+        tensors = [torch.zeros(6, 4, dtype=d) if c else torch.zeros(4, 6, dtype=d).t()
+                   for d, c in zip(dtypes, contiguous)]
+        return opt._implementation(group, tensors)
+    f32, bf16 = [torch.float32] * 4, [torch.bfloat16] * 4
+    assert choice(f32) == "fused" and choice(bf16) == "fused"
+    assert choice([torch.float16] * 4) == "foreach" and choice([torch.float64] * 4) == "foreach"
+    assert choice([torch.float32, torch.bfloat16, torch.float32, torch.float32]) == "foreach"
+    assert choice(f32, contiguous=(False, True, True, True)) == "foreach"
+    assert choice(f32, contiguous=(True, False, True, True)) == "foreach"
+    assert choice(f32, foreach=False) == "reference" and choice(f32, foreach=True) == "foreach"
+    assert choice(f32, fused=True) == "fused" and choice([torch.float16] * 4, fused=True) == "foreach"
+
+
+def test_default_path_on_a_transposed_parameter_equals_the_reference(fused_cpu):
+    """A parameter stored transposed with a contiguous gradient: the fused kernel, which walks memory
+    linearly, must not take it; the result is the reference's, bit for bit."""
+    results = []
+    for flags in (dict(), dict(foreach=False)):
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(7, 9, generator=g).t().detach().requires_grad_()
+        opt = SophiaG([p], lr=0.05, rho=0.02, **flags)
+        for it in range(4):
+            p.grad = torch.randn(9, 7, generator=g)
+            if it % 2 == 0:
+                opt.update_hessian()
+            opt.step(bs=10)
+        results.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["hessian"].clone()))
+    for a, b in zip(*results):
+        assert_bitwise_equal(a, b)
 
 
 def test_bad_inputs_at_step_time():
