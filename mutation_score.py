@@ -7,7 +7,7 @@ fails, and survives otherwise; the score is the share killed. Not part of CI: it
 hour on 2 cores.
 
     $ pip install mutmut
-    $ python mutation_score.py                    # runs what is not yet done, then reports
+    $ python mutation_score.py --recheck          # runs what is not yet done, then reports
     $ python mutation_score.py --report_only      # the report of what has run
     $ python mutation_score.py 'trainer.x_hessian_due__mutmut_*'   # some of the mutants only
     $ mutmut show 'sophia.x_sample_labels__mutmut_15'    # one mutant's change
@@ -17,6 +17,9 @@ there, so an interrupted run goes on where it stopped; the tests it runs per mut
 selection in pyproject.toml's [tool.mutmut] (test_sophia.py, test_hessian.py, test_faults.py's
 non-finite cases), and among them those that reach the mutated function (measured by mutmut in
 this process: tests that start the training scripts in a subprocess do not count as reaching it).
+--recheck then runs the survivors of the Hessian pass's functions and of the sharding helper
+against the multi-process tests that can see them (END_TO_END below); --report_only skips mutmut's
+run and, with --recheck, only rechecks.
 """
 
 import argparse
@@ -42,6 +45,20 @@ NOT_MEASURABLE = {
                                  'in the process, so a mutant of it never runs; the kernels it builds '
                                  'are held bit for bit to the reference by test_sophia.py',
 }
+# End-to-end tests that start the training scripts in subprocesses (torchrun, 2 processes): mutmut
+# cannot tell that they reach a function, so it never runs them against its mutants, and what only
+# a multi-process run can see (a Hessian pass whose gradients are not summed over the processes,
+# another process's share of the data, FSDP's shards) survives its selection. --recheck runs each
+# surviving mutant of these functions against these tests: the scripts they start inherit the
+# MUTANT_UNDER_TEST variable that selects the mutant.
+TWO_PROCESSES = 'tests/test_hessian.py::test_two_processes_hold_the_state_one_process_holds'
+END_TO_END = {
+    'trainer.gnb_hessian_pass': [TWO_PROCESSES + '[gnb]'],
+    'trainer.hessian_pass': [TWO_PROCESSES + '[gnb]'],
+    'trainer.hutchinson_hessian_pass': [TWO_PROCESSES + '[hutchinson]'],
+    'sophia._local': ['tests/test_fsdp.py::test_fsdp_trains_as_ddp_does'],
+}
+RECHECKED = os.path.join(ROOT, 'mutants', 'end_to_end.json')  # {mutant: 'killed' or 'survived'}
 # mutmut's exit codes of a mutant's test run (mutmut.stats.status_by_exit_code)
 KILLED, SURVIVED = 'killed', 'survived'
 
@@ -62,13 +79,38 @@ def results(patterns):
                 found[mutant] = status_by_exit_code[code]
     return found
 
+def recheck(found):
+    """Run the surviving mutants of END_TO_END's functions against its tests; record the outcome."""
+    done = json.load(open(RECHECKED)) if os.path.exists(RECHECKED) else {}
+    todo = sorted(m for m, status in found.items()
+                  if status == SURVIVED and function_of(m) in END_TO_END and m not in done)
+    for n, mutant in enumerate(todo):
+        env = dict(os.environ, MUTANT_UNDER_TEST=mutant, PYTHONUNBUFFERED='1')
+        tests = END_TO_END[function_of(mutant)]
+        result = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:warnings', *tests],
+                                cwd=os.path.join(ROOT, 'mutants'), env=env, capture_output=True, text=True)
+        if result.returncode not in (0, 1):  # 1: a test failed; anything else: the run itself broke
+            raise SystemExit(f"error: pytest exited with status {result.returncode} for {mutant}:\n"
+                             + result.stdout[-2000:])
+        done[mutant] = KILLED if result.returncode == 1 else SURVIVED
+        print(f"{n + 1}/{len(todo)} {mutant}: {done[mutant]} end to end", flush=True)
+        with open(RECHECKED + '.tmp', 'w') as f:
+            json.dump(done, f, indent=1)
+        os.replace(RECHECKED + '.tmp', RECHECKED)
+    return done
+
 def report(found):
     """The score, per function and overall, and the surviving mutants' changes."""
+    rechecked = json.load(open(RECHECKED)) if os.path.exists(RECHECKED) else {}
+    end_to_end = {m for m, status in found.items() if status == SURVIVED and rechecked.get(m) == KILLED}
+    found = {m: KILLED if m in end_to_end else status for m, status in found.items()}
     counts = Counter(found.values())
     decided = counts[KILLED] + counts[SURVIVED] + counts['timeout']
     score = (counts[KILLED] + counts['timeout']) / decided if decided else float('nan')
     print(f"mutation score: {score:.1%} ({counts[KILLED]} killed, {counts['timeout']} timed out, "
           f"{counts[SURVIVED]} survived; {sum(counts.values()) - decided} neither: {dict(counts)})")
+    print(f"killed: {counts[KILLED] - len(end_to_end)} by mutmut's selection, {len(end_to_end)} more by the "
+          f"end-to-end tests that only --recheck runs against them")
     by_function = {}
     for mutant, status in found.items():
         by_function.setdefault(function_of(mutant), Counter())[status] += 1
@@ -89,7 +131,9 @@ def report(found):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--report_only', action='store_true', help='report the mutants that have run')
+    parser.add_argument('--report_only', action='store_true', help="no mutmut run: report what has run (with --recheck, recheck first)")
+    parser.add_argument('--recheck', action='store_true',
+                        help="then run the survivors of END_TO_END's functions against its multi-process tests")
     parser.add_argument('patterns', nargs='*', default=TARGETS, help='mutant names (globs) to run and report')
     args = parser.parse_args()
     if shutil.which('mutmut') is None:
@@ -101,6 +145,8 @@ def main():
         status = subprocess.run(['mutmut', 'run'] + args.patterns, cwd=ROOT, env=env).returncode
         if status != 0:
             parser.exit(status, f"error: mutmut run exited with status {status}\n")
+    if args.recheck:
+        recheck(results(args.patterns))
     report(results(args.patterns))
 
 if __name__ == '__main__':

@@ -447,7 +447,7 @@ def test_hutchinson_gives_zeros_where_the_loss_is_linear_in_a_param():
     (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
     (dict(rho=-1.0), "Invalid rho value: -1.0"),
     (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
-    (dict(foreach=True, fused=True), "fused=True and foreach=True"),
+    (dict(foreach=True, fused=True), "^SophiaG: fused=True and foreach=True cannot be combined; pick one$"),
 ])
 def test_invalid_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -518,7 +518,12 @@ def test_bad_inputs_at_step_time():
         opt.step(bs=0)
     with pytest.raises(ValueError, match="hessian_estimates has 2 entries but the optimizer has 1"):
         opt.update_hessian([torch.zeros(4), torch.zeros(4)])
-    with pytest.raises(ValueError, match="diagnostics"):
+    with pytest.raises(ValueError, match="no step.. taken since construction or loading; pass bs="):
+        opt.diagnostics()
+    with pytest.raises(ValueError, match="no parameter has optimizer state yet"):
+        opt.diagnostics(bs=10)
+    opt.update_hessian()  # state now, but no step to take bs from
+    with pytest.raises(ValueError, match="no step.. taken since construction or loading; pass bs="):
         opt.diagnostics()
     p.grad = torch.zeros(4).to_sparse()
     with pytest.raises(RuntimeError, match="SophiaG does not support sparse gradients"):
