@@ -24,6 +24,7 @@ run and, with --recheck, only rechecks.
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import re
@@ -58,7 +59,9 @@ END_TO_END = {
     'trainer.hutchinson_hessian_pass': [TWO_PROCESSES + '[hutchinson]'],
     'sophia._local': ['tests/test_fsdp.py::test_fsdp_trains_as_ddp_does'],
 }
-RECHECKED = os.path.join(ROOT, 'mutants', 'end_to_end.json')  # {mutant: 'killed' or 'survived'}
+# {mutant: [status, sha256 of the mutated module's file in mutants/ when it was rechecked]}: an entry
+# made before mutmut regenerated that file (the source changed) no longer counts
+RECHECKED = os.path.join(ROOT, 'mutants', 'end_to_end.json')
 # mutmut's exit codes of a mutant's test run (mutmut.stats.status_by_exit_code)
 KILLED, SURVIVED = 'killed', 'survived'
 
@@ -79,9 +82,21 @@ def results(patterns):
                 found[mutant] = status_by_exit_code[code]
     return found
 
+def module_digest(mutant):
+    with open(os.path.join(ROOT, 'mutants', mutant.split('.')[0] + '.py'), 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+def rechecked():
+    """{mutant: status} of the rechecks still valid for the current mutants."""
+    if not os.path.exists(RECHECKED):
+        return {}
+    with open(RECHECKED) as f:
+        entries = json.load(f)
+    return {m: status for m, (status, digest) in entries.items() if digest == module_digest(m)}
+
 def recheck(found):
     """Run the surviving mutants of END_TO_END's functions against its tests; record the outcome."""
-    done = json.load(open(RECHECKED)) if os.path.exists(RECHECKED) else {}
+    done = {m: [status, module_digest(m)] for m, status in rechecked().items()}
     todo = sorted(m for m, status in found.items()
                   if status == SURVIVED and function_of(m) in END_TO_END and m not in done)
     for n, mutant in enumerate(todo):
@@ -92,17 +107,16 @@ def recheck(found):
         if result.returncode not in (0, 1):  # 1: a test failed; anything else: the run itself broke
             raise SystemExit(f"error: pytest exited with status {result.returncode} for {mutant}:\n"
                              + result.stdout[-2000:])
-        done[mutant] = KILLED if result.returncode == 1 else SURVIVED
-        print(f"{n + 1}/{len(todo)} {mutant}: {done[mutant]} end to end", flush=True)
+        done[mutant] = [KILLED if result.returncode == 1 else SURVIVED, module_digest(mutant)]
+        print(f"{n + 1}/{len(todo)} {mutant}: {done[mutant][0]} end to end", flush=True)
         with open(RECHECKED + '.tmp', 'w') as f:
             json.dump(done, f, indent=1)
         os.replace(RECHECKED + '.tmp', RECHECKED)
-    return done
 
 def report(found):
     """The score, per function and overall, and the surviving mutants' changes."""
-    rechecked = json.load(open(RECHECKED)) if os.path.exists(RECHECKED) else {}
-    end_to_end = {m for m, status in found.items() if status == SURVIVED and rechecked.get(m) == KILLED}
+    valid = rechecked()
+    end_to_end = {m for m, status in found.items() if status == SURVIVED and valid.get(m) == KILLED}
     found = {m: KILLED if m in end_to_end else status for m, status in found.items()}
     counts = Counter(found.values())
     decided = counts[KILLED] + counts[SURVIVED] + counts['timeout']
