@@ -561,6 +561,16 @@ class SophiaG(torch.optim.Optimizer):
                 state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
         self.__dict__.setdefault("last_bs", None)
 
+    def state_dict(self):
+        state_dict = super().state_dict()
+        state_dict["last_bs"] = self.last_bs  # so that diagnostics() works right after a resume
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # state dicts of the official class and older versions have none: keep this one's
+        self.last_bs = state_dict.get("last_bs", self.last_bs)
+
     def _init_state(self, param, group):
         state = self.state[param]
         if len(state) == 0:
