@@ -16,6 +16,7 @@ Hessian-diagonal estimators for update_hessian():
 - hutchinson_hessian(): u * (H u) with Rademacher u by double backward (Sophia-H).
 """
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -334,7 +335,7 @@ def _fused_step(params, grads, exp_avgs, hessians, steps, *, lr, beta1, rho, wei
     # the scalars are computed in double exactly as the reference's Python expressions compute them
     decay, one_minus_beta1, rho_bs, neg_lr = 1 - lr * weight_decay, 1 - beta1, rho * bs, -lr
     for params, grads, exp_avgs, hessians in _by_device_and_dtype(params, grads, exp_avgs, hessians):
-        if params[0].device.type == "cuda":
+        if _fused_kernels(params[0].device.type) is triton:
             _triton_step(params, grads, exp_avgs, hessians, decay=decay, beta1=beta1,
                          one_minus_beta1=one_minus_beta1, rho_bs=rho_bs, neg_lr=neg_lr, maximize=maximize)
         else:
@@ -348,7 +349,7 @@ def _fused_step(params, grads, exp_avgs, hessians, steps, *, lr, beta1, rho, wei
 
 def _fused_update_hessian(hessians, estimates, *, beta2, square):
     for hessians, estimates in _by_device_and_dtype(hessians, estimates):
-        if hessians[0].device.type == "cuda":
+        if _fused_kernels(hessians[0].device.type) is triton:
             _triton_update_hessian(hessians, estimates, beta2=beta2, square=square)
         else:
             dtype = hessians[0].dtype
@@ -434,9 +435,15 @@ def _launch_table(device, tensor_lists):
         _block_maps[key] = (block_to_tensor.to(device), first)
     block_to_tensor, first = _block_maps[key]
     rows = [t.data_ptr() for tensors in tensor_lists for t in tensors] + list(numels) + first
-    # pinned + non_blocking: the copy is queued on the stream, the host does not wait for the GPU
-    table = torch.tensor(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":  # pinned + non_blocking: queued on the stream, the host does not wait
+        table = table.pin_memory().to(device, non_blocking=True)
     return table, block_to_tensor
+
+
+def _launch_device(device):
+    """Triton launches on the current CUDA device; CPU tensors (Triton's interpreter) need none."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _triton_dtype(dtype):
@@ -447,7 +454,7 @@ def _triton_step(params, grads, exp_avgs, hessians, *, decay, beta1, one_minus_b
     table, block_to_tensor = _launch_table(params[0].device, [params, grads, exp_avgs, hessians])
     if block_to_tensor.numel() == 0:  # only zero-size tensors
         return
-    with torch.cuda.device(params[0].device):
+    with _launch_device(params[0].device):
         _sophia_step_kernel[(block_to_tensor.numel(),)](
             table, block_to_tensor, len(params), decay, beta1, one_minus_beta1, rho_bs, neg_lr,
             MAXIMIZE=bool(maximize), DTYPE=_triton_dtype(params[0].dtype), BLOCK=_BLOCK)
@@ -457,7 +464,7 @@ def _triton_update_hessian(hessians, estimates, *, beta2, square):
     table, block_to_tensor = _launch_table(hessians[0].device, [hessians, estimates])
     if block_to_tensor.numel() == 0:
         return
-    with torch.cuda.device(hessians[0].device):
+    with _launch_device(hessians[0].device):
         _update_hessian_kernel[(block_to_tensor.numel(),)](
             table, block_to_tensor, len(hessians), beta2, 1 - beta2,
             SQUARE=bool(square), DTYPE=_triton_dtype(hessians[0].dtype), BLOCK=_BLOCK)
