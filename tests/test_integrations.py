@@ -262,7 +262,9 @@ def test_sophia_state_dict_keeps_last_bs():
 # -----------------------------------------------------------------------------
 # Lightning
 
-def lightning_run(steps=7, accumulation=1):
+def lightning_run(manual):
+    """7 steps of Lightning with the callback, a warm-up schedule and the training gradient
+    clipped at 1.0: by Lightning (automatic optimization) or by hand (manual)."""
     import lightning as L
 
     from sophia_integrations import SophiaLightningCallback
@@ -271,10 +273,21 @@ def lightning_run(steps=7, accumulation=1):
         def __init__(self):
             super().__init__()
             self.model = tiny_model()
+            self.automatic_optimization = not manual
+            self.batches = []
 
         def training_step(self, batch, batch_idx):
             self.batches.append(batch.clone())
-            return self.model(input_ids=batch, labels=batch).loss
+            loss = self.model(input_ids=batch, labels=batch).loss
+            if manual:  # clipping and the schedule are the module's to do
+                optimizer = self.optimizers()
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                self.clip_gradients(optimizer, gradient_clip_val=1.0,
+                                    gradient_clip_algorithm="norm")
+                optimizer.step()
+                self.lr_schedulers().step()
+            return loss
 
         def configure_optimizers(self):
             optimizer = sophia(self.model)
@@ -283,12 +296,11 @@ def lightning_run(steps=7, accumulation=1):
                     "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     module = Module()
-    module.batches = []
     callback = SophiaLightningCallback(lambda module, batch: module.model(input_ids=batch).logits,
                                        hess_interval=HESS_INTERVAL, hess_grad_clip=HESS_GRAD_CLIP,
                                        seed=SEED)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, gradient_clip_val=1.0,
-                        accumulate_grad_batches=accumulation, callbacks=[callback], logger=False,
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", devices=1, callbacks=[callback],
+                        gradient_clip_val=None if manual else 1.0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, log_every_n_steps=1)
     ids = torch.stack([d["input_ids"] for d in dataset()])
@@ -300,10 +312,11 @@ def warmup(step):
     return min(1.0, (step + 1) / 4)  # a schedule that matters: lr 1/4, 2/4, 3/4, then 1
 
 
-def test_lightning_callback_equals_the_readme_loop_with_clipping_and_a_schedule():
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_lightning_callback_equals_the_readme_loop_with_clipping_and_a_schedule(manual):
     pytest.importorskip("lightning")
-    module, trainer = lightning_run()
-    # the README loop with Lightning's gradient_clip_val and the schedule stepped per step
+    module, trainer = lightning_run(manual)
+    # the README loop with the training gradient clipped and the schedule stepped per step
     model = tiny_model()
     optimizer = sophia(model)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
@@ -322,9 +335,8 @@ def test_lightning_callback_equals_the_readme_loop_with_clipping_and_a_schedule(
             optimizer.zero_grad(set_to_none=True)
     assert len(batches) == 7
     assert_same_state(module.model, trainer.optimizers[0], model, optimizer)
-    logged = trainer.logged_metrics
     names = {"win_rate", "hessian_norm", "hessian_norm2", "momentum_norm", "hessian_skipped"}
-    assert names <= logged.keys()
+    assert names <= trainer.logged_metrics.keys()
 
 
 # -----------------------------------------------------------------------------
