@@ -217,8 +217,8 @@ def test_free_disk_space_is_checked_before_anything_starts(docs, gpt2_ranks_file
 def test_bad_inputs_are_one_line(docs, gpt2_ranks_file, tmp_path):
     folder, _ = docs
     pq.write_table(pa.table({'content': ['a document']}), tmp_path / 'wrong.parquet')
-    cases = [
-        ([], 'from the Hugging Face hub'),  # the hub, offline
+    cases = [  # the first: the default, FineWeb-Edu's sample from the hub, offline
+        ([], 'could not load HuggingFaceFW/fineweb-edu (sample-10BT) from the Hugging Face hub'),
         (['--files', tmp_path / 'missing.parquet'], 'no such file'),
         (['--files', tmp_path / 'wrong.parquet'], "need a 'text' column"),
         (['--files', folder / 'docs.parquet', '--val_tokens', 10**6], 'nothing is left to train'),

@@ -14,15 +14,16 @@ the dataset's own order) in shards of 100,000,000 tokens and hold out the first 
 is the first 100,000,000 tokens of the stream and train.bin the rest; the document that straddles
 the boundary is cut there, as in their shards.
 
-A 10B-token run takes hours (tiktoken encodes ~6 MB/s per core, the sample is ~45 GB of text) and
-survives an interruption: the documents are tokenized in chunks of --chunk_documents by --num_proc
-worker processes, and each chunk is written to <out_dir>/parts.tmp/ under a temporary name, synced,
-and renamed: a chunk under its final name is done. Run the same command again and it tokenizes only
-the chunks not yet done (parts.tmp/plan.json records the input, its document count and the chunk
-size, and another input is refused). When every chunk is done they are joined into val.bin and
-train.bin, meta.pkl is written last, and parts.tmp/ is deleted. The token files take 2 bytes per
-token twice over while they are joined (~40 GB for 10B tokens); the free space of out_dir's disk is
-checked before anything starts, from FineWeb's token_count column (GPT-2 tokens per document).
+A 10B-token run is about 2 CPU-hours of tokenizing (~45 GB of text at ~4.5 bytes per token;
+tiktoken encodes ~6 MB/s per core) after the download, and it survives an interruption: the
+documents are tokenized in chunks of --chunk_documents by --num_proc worker processes, and each
+chunk is written to <out_dir>/parts.tmp/ under a temporary name, synced, and renamed: a chunk under
+its final name is done. Run the same command again and it tokenizes only the chunks not yet done
+(parts.tmp/plan.json records the input, its document count and the chunk size; another input is
+refused). When every chunk is done they are joined into val.bin and train.bin, meta.pkl is written
+last, and parts.tmp/ is deleted. The token files take 2 bytes per token twice over while they are
+joined (~40 GB for 10B tokens): the free space of out_dir's disk is checked before anything
+starts, from FineWeb's token_count column (GPT-2 tokens per document).
 The Hugging Face cache (--cache_dir, or HF_HOME) holds the downloaded sample besides.
 
 Offline: set GPT2_RANKS_FILE (see tokenizer.py) and pass --files with local .parquet or .jsonl
