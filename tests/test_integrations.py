@@ -112,8 +112,16 @@ def assert_same_state(model_a, optimizer_a, model_b, optimizer_b):
     assert sum(float(optimizer_a.state[p]["hessian"].sum()) for p in params_a) > 0  # passes ran
 
 
-def test_trainer_equals_the_readme_loop_and_logs_the_diagnostics(tmp_path):
-    model, optimizer, trainer = hf_run(tmp_path)
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """The plain run, which also saves a checkpoint after step 4 (saving changes nothing else):
+    shared by the tests that compare against it."""
+    out_dir = tmp_path_factory.mktemp("checkpointed")
+    return out_dir, hf_run(out_dir, save_strategy="steps", save_steps=4)
+
+
+def test_trainer_equals_the_readme_loop_and_logs_the_diagnostics(checkpointed):
+    model, optimizer, trainer = checkpointed[1]
     assert len(trainer.micro_batches) == 7
     assert_same_state(model, optimizer, *readme_loop(trainer.micro_batches))
     rows = [row for row in trainer.state.log_history if "loss" in row]
@@ -141,9 +149,9 @@ def test_trainer_in_bf16_equals_the_readme_loop_under_autocast(tmp_path):
     assert_same_state(model, optimizer, *readme_loop(trainer.micro_batches, autocast=autocast))
 
 
-def test_a_grad_scaler_changes_nothing(tmp_path):
+def test_a_grad_scaler_changes_nothing(tmp_path, checkpointed):
     # a power-of-two scale is exact: the scaled Hessian pass, unscaled, is the unscaled one
-    plain = hf_run(tmp_path / "plain")
+    plain = checkpointed[1]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     scaled = hf_run(tmp_path / "scaled", scaler=scaler)
     assert scaler.get_scale() == 2.0 ** 12  # no step overflowed
@@ -175,18 +183,18 @@ def test_a_non_finite_sampled_gradient_is_skipped():
     assert all(p.grad is None for p in params)  # freed all the same: nothing leaks into a step
 
 
-def test_resume_from_a_trainer_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    whole = hf_run(tmp_path / "whole", save_strategy="steps", save_steps=4)
+def test_resume_from_a_trainer_checkpoint_equals_an_uninterrupted_run(tmp_path, checkpointed):
+    out_dir, whole = checkpointed
     # step 5 needs bs before any Hessian pass of the resumed run: SophiaG's last_bs from the
     # checkpoint; and diagnostics() works on the loaded state before any step
-    saved = torch.load(tmp_path / "whole" / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    saved = torch.load(out_dir / "checkpoint-4" / "optimizer.pt", weights_only=True)
     loaded = sophia(tiny_model())
     loaded.load_state_dict(saved)
     assert loaded.last_bs == 4 * BLOCK
     logged = next(row for row in whole[2].state.log_history
                   if row.get("step") == 4 and "loss" in row)
     assert float(loaded.diagnostics()["win_rate"]) == pytest.approx(logged["win_rate"])
-    resumed = hf_run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-4"))
+    resumed = hf_run(tmp_path / "resumed", resume=str(out_dir / "checkpoint-4"))
     assert len(resumed[2].micro_batches) == 3
     assert all(torch.equal(a, b)
                for a, b in zip(resumed[2].micro_batches, whole[2].micro_batches[4:]))
