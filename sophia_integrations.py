@@ -8,7 +8,7 @@ Sophia-G inside the trainers people already use: the Hugging Face Trainer and Li
                             optimizers=(SophiaG(model.parameters(), lr=6e-4, rho=0.05), None))
 
     from sophia_integrations import SophiaLightningCallback    # Lightning (the `lightning` package)
-    callback = SophiaLightningCallback(lambda module, batch: module(batch["input_ids"]))
+    callback = SophiaLightningCallback(lambda module, batch: module.model(input_ids=batch).logits)
 
 Both run the Hessian pass of the official loop, which no trainer knows about, and pass bs to
 SophiaG.step(), which the trainers call without it:
@@ -17,8 +17,8 @@ SophiaG.step(), which the trainers call without it:
 - Batch: the first micro-batch of the next step, before that step's own forward. The official
   loop draws a fresh batch; inside a trainer that would take batches out of the trainer's epoch
   and shift its data order, epoch counts and the batches it skips on resume. The pass does not
-  use the batch's labels (it samples its own from the model's softmax), and the new gradient of
-  that batch is 1 - beta1 = 3.5% of the momentum it meets, so reusing it costs little.
+  use the batch's labels (it samples its own from the model's softmax), and that batch's
+  training gradient enters the momentum the new h divides with weight 1 - beta1 (0.035).
 - Labels: sampled from the model's own softmax (sophia.sampled_label_loss) with a generator
   seeded from (seed, step) alone: a resumed run draws what an uninterrupted one draws, and the
   global RNG (dropout, shuffling) never sees the pass.
@@ -44,8 +44,10 @@ Lightning: a callback, in on_train_batch_start, outside the LightningModule's fo
 the sampled gradient with torch.autograd.grad, which leaves .grad and DDP's reducer alone
 (a second backward inside one DDP forward would not be averaged), and averages it over
 processes itself. Works with automatic optimization (gradient_clip_val and the schedule from
-configure_optimizers as usual) and with manual optimization (there clip with
-self.clip_gradients(...) and step the schedule yourself, before or after optimizer.step()).
+configure_optimizers as usual) and with manual optimization, where clipping and the schedule are
+the module's: self.clip_gradients(optimizer, gradient_clip_val=1.0) before optimizer.step() and
+self.lr_schedulers().step() after it (forgotten, a warm-up leaves lr at 0 and nothing warns).
+configure_optimizers returns one optimizer, a SophiaG.
 
 transformers and lightning are imported only when the class that needs them is used; sophia.py
 itself needs nothing but torch.

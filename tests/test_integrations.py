@@ -211,6 +211,20 @@ def test_the_trainer_refuses_another_optimizer_in_one_line(tmp_path):
                                 "(Hugging Face: Trainer(optimizers=(SophiaG(...), None)))")
 
 
+def test_the_trainer_refuses_fsdp_in_one_line(tmp_path):
+    class ShardedTrainer(RecordingTrainer):  # FSDP as the Trainer flags it (it needs processes)
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            self.is_fsdp_enabled = True
+
+    # under FSDP the Trainer takes no optimizers=: a SophiaG would come from create_optimizer
+    arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError) as error:
+        ShardedTrainer(model=tiny_model(), args=arguments, train_dataset=dataset())
+    assert str(error.value) == ("SophiaTrainerMixin does not support FSDP, which owns the "
+                                "gradients the Hessian pass reads and clips; train with DDP")
+
+
 TWO_PROCESSES = r'''
 import sys
 import torch
