@@ -232,24 +232,38 @@ sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 torch.set_num_threads(1)
 import test_integrations as t
 model, optimizer, trainer = t.hf_run(sys.argv[2], accumulation=2, ddp_backend="gloo")
-torch.save({"params": [p.detach() for p in model.parameters()],
-            "state": [optimizer.state[p] for p in model.parameters()],
-            "micro_batches": trainer.micro_batches, "bs": optimizer.last_bs},
-           f"{sys.argv[2]}/rank{trainer.args.process_index}.pt")
+module, lightning = t.lightning_run(manual=False, processes=2)  # in the same process group
+for name, model, optimizer, batches in (
+        ("hf", model, optimizer, trainer.micro_batches),
+        ("lightning", module.model, lightning.optimizers[0], module.batches)):
+    torch.save({"params": [p.detach() for p in model.parameters()],
+                "state": [optimizer.state[p] for p in model.parameters()],
+                "micro_batches": batches, "bs": optimizer.last_bs},
+               f"{sys.argv[2]}/{name}{trainer.args.process_index}.pt")
 '''
 
 
-def test_two_processes_hold_identical_hessians_and_weights(tmp_path):
-    # with gradient accumulation, the pass sits on a micro-batch where the Trainer turned
-    # gradient sync off: only a pass through the DDP wrapper with sync forced on averages it
-    script = tmp_path / "two.py"
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The Trainer (gradient accumulation 2), then Lightning, on 2 processes under DDP."""
+    pytest.importorskip("lightning")
+    out_dir = tmp_path_factory.mktemp("two_processes")
+    script = out_dir / "two.py"
     script.write_text(TWO_PROCESSES)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(script), ROOT, str(tmp_path)],
+                             "--nproc_per_node=2", str(script), ROOT, str(out_dir)],
                             capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return out_dir
+
+
+# HF: with gradient accumulation the pass sits on a micro-batch where the Trainer turned gradient
+# sync off: only a pass through the DDP wrapper with sync forced on averages it. Lightning: the
+# callback's pass is outside DDP's backward and all-reduces the sampled gradient itself.
+@pytest.mark.parametrize("name", ["hf", "lightning"])
+def test_two_processes_hold_identical_hessians_and_weights(two_processes, name):
+    ranks = [torch.load(two_processes / f"{name}{r}.pt", weights_only=True) for r in (0, 1)]
     # each process trained on its own data: there is something to average
     assert not torch.equal(ranks[0]["micro_batches"][0], ranks[1]["micro_batches"][0])
     assert ranks[0]["bs"] == ranks[1]["bs"] == 4 * BLOCK * 2  # Hessian micro-batch x 2 processes
@@ -284,7 +298,7 @@ def test_sophia_state_dict_keeps_last_bs():
 # -----------------------------------------------------------------------------
 # Lightning
 
-def lightning_run(manual):
+def lightning_run(manual, processes=1):
     """7 steps of Lightning with the callback, a warm-up schedule and the training gradient
     clipped at 1.0: by Lightning (automatic optimization) or by hand (manual)."""
     import lightning as L
@@ -321,7 +335,11 @@ def lightning_run(manual):
     callback = SophiaLightningCallback(lambda module, batch: module.model(input_ids=batch).logits,
                                        hess_interval=HESS_INTERVAL, hess_grad_clip=HESS_GRAD_CLIP,
                                        seed=SEED)
-    trainer = L.Trainer(max_steps=7, accelerator="cpu", devices=1, callbacks=[callback],
+    strategy = "auto"
+    if processes > 1:  # under torchrun, which started the processes; gloo for CPU processes
+        strategy = L.pytorch.strategies.DDPStrategy(process_group_backend="gloo")
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", devices=processes, strategy=strategy,
+                        callbacks=[callback],
                         gradient_clip_val=None if manual else 1.0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, log_every_n_steps=1)
