@@ -382,6 +382,15 @@ def test_lightning_callback_equals_the_readme_loop_with_clipping_and_a_schedule(
 # -----------------------------------------------------------------------------
 # packaging
 
+def test_importing_the_integrations_imports_neither_transformers_nor_lightning():
+    code = ("import sys, sophia_integrations; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('transformers', 'accelerate', 'lightning', 'pytorch_lightning')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_pip_install_leaves_the_checkout_clean(tmp_path):
     # offline, with the setuptools installed here, as tests/test_package.py builds; pip builds
     # in the source folder itself, which the build backend copies first
