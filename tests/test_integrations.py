@@ -1,9 +1,11 @@
 """sophia_integrations: Sophia-G inside the Hugging Face Trainer and Lightning, held to the README's
 own loop (parameters and every optimizer state tensor, bit for bit) on the same data and seeds,
-with gradient accumulation, bf16, a GradScaler, a resume from a Trainer checkpoint and two
-processes under DDP (torchrun, gloo). Also: SophiaG keeps last_bs across its state dict, and
-`pip install .` leaves the checkout clean. A tiny GPT2LMHeadModel from a GPT2Config, no hub.
-Needs transformers, accelerate and lightning (test dependencies; skipped without them)."""
+with gradient accumulation, bf16, a GradScaler, a resume from a Trainer checkpoint, Lightning's
+automatic and manual optimization; on two processes under DDP (torchrun, gloo) both end with
+identical Hessians and weights on each. Also: SophiaG keeps last_bs across its state dict,
+importing the module imports no trainer, and `pip install .` leaves the checkout clean. A tiny
+GPT2LMHeadModel from a GPT2Config, no hub. Needs transformers, accelerate and lightning (test
+dependencies: pip install accelerate==1.15.0 lightning==2.6.6; skipped without them)."""
 
 import copy
 import math
@@ -16,7 +18,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
@@ -33,7 +35,8 @@ SEED = 5
 def tiny_model():
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=16, n_layer=1, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0)  # GPT-2's 50256 is past this vocabulary
     return GPT2LMHeadModel(config)
 
 
