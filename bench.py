@@ -7,7 +7,7 @@ Throughput of Sophia-G against AdamW: one model, one batch, one device, one proc
     $ python bench.py --device=cpu --dtype=float32 --compile=False --real_data=False --n_layer=2
 
 The config is a training config, read by the real configurator (configurator.py) over the
-defaults of train_sophiag.py, plus the bench_* keys below. Each optimizer gets its own copy of the
+defaults of train_sophiag.py and the other optimizers' own keys, plus the bench_* keys below. Each optimizer gets its own copy of the
 same freshly initialised model and trains on the same batches; after `bench_warmup` untimed
 iterations (compilation, allocator, the first Hessian pass), `bench_iters` iterations are timed per
 round, and the optimizers take turns over `bench_rounds` rounds so that a busy machine slows both
@@ -56,23 +56,30 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import trainer
-from configurator import ConfigError, batch_plan, check_config, parse_args
-from train_sophiag import sophiag_defaults
+from batches import REPO, TokenFiles, data_dir_of, open_dataset
+from configurator import Checks, ConfigError, UserError, batch_plan, check_config, parse_args
+from distributed import setup_distributed
+from optimizers import RECIPES, SophiaGRecipe
+from resume import build_model
 
-OPTIMIZERS = {'sophiag': 'train_sophiag.py', 'adamw': 'train_adam.py'}
+OPTIMIZERS = {name: recipe.script for name, recipe in RECIPES.items()}
 # the Hessian passes read the data stream from this sequence on, so the training iterations of
 # both optimizers read identical batches (iteration n reads sequences n * total_bs onwards)
 HESSIAN_SEQUENCES = 1 << 40
 
 def bench_defaults():
-    config = sophiag_defaults()
+    """Sophia-G's defaults (every shared key at its value), the other optimizers' own keys, and
+    the bench keys."""
+    config = SophiaGRecipe.defaults()
+    for recipe in RECIPES.values():
+        config.update({key: value for key, value in recipe.defaults().items() if key not in config})
     config.update(out_dir='out-bench', wandb_run_name='bench')
     config.update(
         bench_iters=20,  # timed iterations per optimizer and round (end to end: per script and round)
         bench_warmup=5,  # untimed iterations first: compilation, first-use costs (end to end: skipped rows)
         bench_rounds=2,  # the optimizers take turns this many times: noise on a shared machine hits all
-        optimizers='sophiag,adamw',  # comma-separated, from sophiag and adamw
-        real_data=True,  # True: the config's dataset via trainer.get_batch; False: random tokens, no data needed
+        optimizers='sophiag,adamw',  # comma-separated, from sophiag, adamw and muon
+        real_data=True,  # True: the config's dataset via batches.get_batch; False: random tokens, no data needed
         synthetic_vocab_size=50304,  # vocabulary of the random tokens (real_data=False)
         profile=False,  # also profile a few iterations per optimizer: chrome trace in out_dir, top ops printed
         end_to_end=False,  # run the real training scripts instead (see the module docstring)
@@ -118,11 +125,11 @@ def check_bench_config(config, sources):
 
 def expected_ratio(config, plan):
     """Sophia's tokens/s over AdamW's from the forward/backward work alone: the Hessian pass adds
-    plan.hess_micro_steps micro-batches every hess_interval iterations of plan.micro_steps."""
-    return 1 / (1 + plan.hess_micro_steps / (plan.micro_steps * config['hess_interval']))
+    hess_micro_steps micro-batches every hess_interval iterations of plan.micro_steps."""
+    return 1 / (1 + SophiaGRecipe(config, plan).hess_micro_steps / (plan.micro_steps * config['hess_interval']))
 
 def describe_schedule(config, plan):
-    return (f"a Hessian pass of {plan.hess_micro_steps} micro-batches every {config['hess_interval']} "
+    return (f"a Hessian pass of {SophiaGRecipe(config, plan).hess_micro_steps} micro-batches every {config['hess_interval']} "
             f"iterations of {plan.micro_steps}")
 
 # -----------------------------------------------------------------------------
@@ -144,7 +151,8 @@ def random_token_files(folder, vocab_size, block_size, seed):
 
 class OptimizerBench:
     """One optimizer on its own copy of the model; runs iterations with the training loop's own
-    pieces (trainer.forward_backward, clip_and_step, hessian_pass) and adds up the time of each."""
+    pieces (trainer.forward_backward, clip_and_step, the recipe's hessian_pass) and adds up the time
+    of each."""
 
     def __init__(self, name, model, config, plan, device, paths, vocab_size):
         self.name, self.config = name, config
@@ -152,12 +160,14 @@ class OptimizerBench:
         ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[config['dtype']]
         autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
         raw_model = copy.deepcopy(model).to(device)  # deepcopy keeps the tied wte/lm_head tied
-        optimizer = raw_model.configure_optimizers(
-            name, device_type=device_type, **trainer.optimizer_hyperparameters(name, config))
+        recipe = RECIPES[name](config, plan)
+        optimizer = recipe.build(raw_model, device_type)
         scaler = torch.amp.GradScaler(device_type, enabled=config['dtype'] == 'float16')
         compiled = torch.compile(raw_model) if config['compile'] else raw_model
-        self.run = trainer.Run(config, name, compiled, raw_model, optimizer, scaler, autocast, plan, paths,
-                               vocab_size, device, rank=0, world_size=1)
+        data = TokenFiles(paths, config['dataset'], vocab_size, config['batch_size'], config['block_size'], device)
+        self.run = trainer.Run(config, recipe, compiled, raw_model, optimizer, scaler, autocast, plan, data,
+                               rank=0, world_size=1)
+        self.hessian = isinstance(recipe, SophiaGRecipe)  # its pass is timed on its own
         self.iter_num, self.hessian_passes = 0, 0
         self.iters_timed, self.passes_timed = 0, 0
         self.seconds = {'forward_backward': 0.0, 'step': 0.0, 'hessian': 0.0}
@@ -183,7 +193,7 @@ class OptimizerBench:
         run = self.run
         start = sync_time(run.device)
         with record_function('hessian_pass'):
-            trainer.hessian_pass(run, HESSIAN_SEQUENCES + self.hessian_passes * run.plan.hess_sequences)
+            run.recipe.hessian_pass(run, HESSIAN_SEQUENCES + self.hessian_passes * run.recipe.hess_sequences)
         end = sync_time(run.device)
         self.hessian_passes += 1
         if timed:
@@ -195,7 +205,7 @@ class OptimizerBench:
         hess_interval-th step."""
         for _ in range(iters):
             self.iteration(timed)
-            if trainer.hessian_due(self.run, self.iter_num - 1):
+            if self.hessian and self.run.recipe.hessian_due(self.iter_num - 1):
                 self.hessian_pass(timed)
 
     def warmup(self):
@@ -204,7 +214,7 @@ class OptimizerBench:
         if self.config['bench_warmup'] == 0:
             return
         self.run_iterations(self.config['bench_warmup'], timed=False)
-        if self.run.is_sophia:
+        if self.hessian:
             self.hessian_pass(timed=False)
 
     def results(self, tokens_per_iter, peak_flops):
@@ -213,13 +223,13 @@ class OptimizerBench:
                'hessian_ms_per_pass': None, 'hessian_ms_per_iter': None, 'hessian_share': None}
         ms_per_iter = ms['forward_backward'] + ms['step']
         tokens_computed = tokens_per_iter  # tokens through a forward+backward per iteration, for MFU
-        if self.run.is_sophia:
+        if self.hessian:
             per_pass = 1000 * self.seconds['hessian'] / self.passes_timed
             row['hessian_ms_per_pass'] = per_pass
             row['hessian_ms_per_iter'] = per_pass / self.config['hess_interval']
             ms_per_iter += row['hessian_ms_per_iter']
             row['hessian_share'] = row['hessian_ms_per_iter'] / ms_per_iter
-            tokens_computed += self.run.hessian_tokens / self.config['hess_interval']
+        tokens_computed += self.run.recipe.extra_tokens_per_iter(self.run)
         row['ms_per_iter'] = ms_per_iter
         row['tokens_per_s'] = tokens_per_iter / (ms_per_iter / 1000)
         raw_model = self.run.raw_model
@@ -234,12 +244,12 @@ class OptimizerBench:
         with profile(activities=activities) as prof:
             for _ in range(2):
                 self.iteration(timed=False)
-            if self.run.is_sophia:
+            if self.hessian:
                 self.hessian_pass(timed=False)
         path = os.path.join(out_dir, f'bench-trace-{self.name}.json')
         prof.export_chrome_trace(path)
         sort_by = 'self_device_time_total' if device.startswith('cuda') else 'self_cpu_time_total'
-        print(f"\n{self.name}: top ops of 2 iterations{' and a Hessian pass' if self.run.is_sophia else ''} "
+        print(f"\n{self.name}: top ops of 2 iterations{' and a Hessian pass' if self.hessian else ''} "
               f"(trace: {path})")
         print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
 
@@ -259,26 +269,26 @@ def format_table(rows):
 def bench(config, plan, names):
     """The in-process benchmark; prints the table and returns its rows."""
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        raise trainer.UserError("bench.py runs in one process; start it with python, not torchrun")
-    _, _, device = trainer.setup_distributed(config)
+        raise UserError("bench.py runs in one process; start it with python, not torchrun")
+    _, _, device = setup_distributed(config)
     if device.startswith('cuda'):  # TF32 for float32 matmuls, as the training loop sets it
         torch.backends.cuda.matmul.fp32_precision = 'tf32'
         torch.backends.cudnn.conv.fp32_precision = 'tf32'
     with tempfile.TemporaryDirectory(prefix='bench-tokens-') as scratch:
         if config['real_data']:
             try:
-                dataset_vocab, paths = trainer.open_dataset(config['dataset'], config['block_size'])
-            except trainer.UserError as e:
-                raise trainer.UserError(f"{e}; or benchmark on random tokens with --real_data=False")
+                dataset_vocab, paths = open_dataset(config['dataset'], config['block_size'])
+            except UserError as e:
+                raise UserError(f"{e}; or benchmark on random tokens with --real_data=False")
             run_config = config
         else:
             random_token_files(scratch, config['synthetic_vocab_size'], config['block_size'], config['seed'])
-            _, paths = trainer.open_dataset(scratch, config['block_size'])
+            _, paths = open_dataset(scratch, config['block_size'])
             dataset_vocab = config['synthetic_vocab_size']
             run_config = dict(config, dataset=scratch)  # named in the errors get_batch may raise
 
         torch.manual_seed(config['seed'])
-        model, model_args = trainer.build_model(config, dataset_vocab, None)
+        model, model_args = build_model(config, dataset_vocab, None)
         vocab_size = model_args['vocab_size']
         benches = [OptimizerBench(name, model, run_config, plan, device, paths, vocab_size) for name in names]
         del model
@@ -295,7 +305,7 @@ def bench(config, plan, names):
             for b in (benches if round_index % 2 == 0 else benches[::-1]):
                 b.run_iterations(config['bench_iters'], timed=True)
         for b in benches:
-            while b.run.is_sophia and b.passes_timed < 2:  # too few iterations for the schedule to time a pass
+            while b.hessian and b.passes_timed < 2:  # too few iterations for the schedule to time a pass
                 b.hessian_pass(timed=True)
 
         peak = config['peak_flops'] or None
@@ -336,7 +346,7 @@ def nanogpt_overrides(config, plan, run):
     values = {key: config[key] for key in keys}
     values.update(
         # nanoGPT reads data/<dataset>; an absolute path wins over the 'data' prefix in os.path.join
-        dataset=os.path.abspath(trainer.data_dir_of(config['dataset'])),
+        dataset=os.path.abspath(data_dir_of(config['dataset'])),
         gradient_accumulation_steps=plan.micro_steps,  # one process: nanoGPT's count is the same
         out_dir=run['out_dir'],
         max_iters=run['max_iters'] - 1,  # nanoGPT runs iterations 0..max_iters
@@ -350,7 +360,7 @@ def run_program(command, cwd):
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ['no output']
-        raise trainer.UserError(f"{' '.join(command[1:3])} (in {cwd}) failed with exit status "
+        raise UserError(f"{' '.join(command[1:3])} (in {cwd}) failed with exit status "
                                 f"{result.returncode}: {tail[0]}")
     return result.stdout
 
@@ -371,21 +381,20 @@ def nanogpt_throughput(stdout, skip_iters, tokens_per_iter):
     times = [float(ms) for it, ms in re.findall(r'^iter (\d+): loss \S+, time ([\d.]+)ms', stdout, re.M)
              if int(it) >= skip_iters]
     if not times:
-        raise trainer.UserError("nanoGPT's train.py printed no 'iter N: ... time X ms' lines after the warmup; "
+        raise UserError("nanoGPT's train.py printed no 'iter N: ... time X ms' lines after the warmup; "
                                 "is PATH a nanoGPT checkout?")
     return tokens_per_iter / (sum(times) / len(times) / 1000)
 
 def end_to_end(config, plan, names):
     """Run the training scripts (and nanoGPT) side by side, bench_rounds times; print tokens/s."""
-    from train_adam import adam_defaults
-    trainer.open_dataset(config['dataset'], config['block_size'])  # the scripts need real data
+    open_dataset(config['dataset'], config['block_size'])  # the scripts need real data
     if config['nanogpt'] and config['init_from'] != 'scratch':
-        raise trainer.UserError(f"the nanoGPT comparison starts from scratch; drop --init_from={config['init_from']}")
+        raise UserError(f"the nanoGPT comparison starts from scratch; drop --init_from={config['init_from']}")
     log_interval = config['hess_interval']  # every log row holds exactly one Hessian pass
     skip_rows = max(1, math.ceil(config['bench_warmup'] / log_interval))  # row 1 holds the eval at iteration 0
     max_iters = (skip_rows + math.ceil(config['bench_iters'] / log_interval)) * log_interval
     tokens_per_iter = plan.sequences * config['block_size']
-    defaults = {'sophiag': sophiag_defaults(), 'adamw': adam_defaults()}
+    defaults = {name: RECIPES[name].defaults() for name in names}
     programs = [(OPTIMIZERS[name], name) for name in names] + ([('nanoGPT train.py', 'nanogpt')]
                                                               if config['nanogpt'] else [])
     print(f"end to end: iterations {skip_rows * log_interval}..{max_iters - 1} of {max_iters} timed per run "
@@ -411,7 +420,7 @@ def end_to_end(config, plan, names):
                     mfu = None  # nanoGPT's own MFU counts differently; its tokens/s is what compares
                 else:
                     command = [sys.executable, OPTIMIZERS[kind]] + script_overrides(config, defaults[kind], run)
-                    run_program(command, trainer.REPO)
+                    run_program(command, REPO)
                     tokens_per_s, mfu = metrics_throughput(out_dir, skip_rows, tokens_per_iter)
                     if mfu is not None:
                         mfus.setdefault(label, []).append(mfu)
@@ -452,11 +461,13 @@ def main(argv):
         check_config(config, sources)
         plan = batch_plan(config, sources, world_size=1)
         names = check_bench_config(config, sources)
+        for name in names:  # each optimizer's own keys, and what it cannot do
+            RECIPES[name].check(config, Checks(config, sources), 1)
         if config['end_to_end']:
             end_to_end(config, plan, names)
         else:
             bench(config, plan, names)
-    except (ConfigError, trainer.UserError) as e:
+    except UserError as e:  # ConfigError too
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

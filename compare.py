@@ -1,6 +1,7 @@
 """
-Compare training runs the way the Sophia question is asked: does Sophia-G reach a given
-validation loss in fewer iterations, tokens and seconds than a tuned AdamW?
+Compare training runs the way the Sophia question is asked: does Sophia-G (or Muon) reach a given
+validation loss in fewer iterations, tokens and seconds than a tuned AdamW? Any number of runs of
+any of the three optimizers, in one table and one set of plots.
 
     python compare.py out-sophiag-small out-adam-small-lr6e-4 out-adam-small-lr1e-3
     python compare.py RUN [RUN ...] [--baseline NAME_OR_INDEX] [--target LOSS] [--out out-compare/]
@@ -57,7 +58,7 @@ class CompareError(ValueError):
 @dataclass
 class Run:
     name: str  # run_name from the config, else the folder name
-    optimizer: str  # "sophiag", "adamw", or "unknown" when the log does not say
+    optimizer: str  # "sophiag", "adamw", "muon", or "unknown" when the log does not say
     config: dict  # the resolved training config (the last one logged, after resumes)
     train: list = field(default_factory=list)  # train rows, one per iteration, sorted by "iter"
     eval: list = field(default_factory=list)  # eval rows, one per iteration, sorted by "iter"
@@ -456,7 +457,7 @@ def _y_limits(curves):
     return low - margin, high + margin
 
 
-LINE_STYLES = {"sophiag": "-", "adamw": "--"}  # other optimizers dotted
+LINE_STYLES = {"sophiag": "-", "adamw": "--", "muon": "-."}  # other optimizers dotted
 # each plot: (the Run attribute holding its rows, the loss key in them, name, how it is averaged)
 PLOTS = {
     "val": ("eval", VAL_LOSS, "val loss", "on the same eval_iters batches at every eval"),

@@ -17,7 +17,7 @@ learning_rate, warmup longer than the decay, gradient accumulation that the worl
 divide, ...). Config files may use names starting with an underscore as scratch variables.
 
 Config files written for the official Sophia scripts or for nanoGPT run unmodified: their keys that
-are no key here are translated or checked (`foreign`, see trainer.foreign_keys), and each
+are no key here are translated or checked (`foreign`, see optimizers.Recipe.foreign_keys), and each
 translation is reported once. `--help` lists every key with its default and the comment beside it
 in the defaults' source (describe_defaults), grouped as the defaults are.
 """
@@ -30,13 +30,84 @@ import os
 import tokenize
 from collections import namedtuple
 
-class ConfigError(Exception):
+class UserError(Exception):
+    """A problem the user can fix: reported as one line, exit status 2, nothing overwritten."""
+
+class ConfigError(UserError):
     """A mistake in the config that the user can fix; the message is one line."""
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
-HESSIAN_ESTIMATORS = ('gnb', 'hutchinson')
 DATA_PARALLEL = ('ddp', 'fsdp', 'hsdp')
+
+# -----------------------------------------------------------------------------
+# the keys
+
+def default_config():
+    """The config keys of every training script with their defaults: GPT-2 small (124M) on
+    OpenWebText with AdamW, as the official runs. Each optimizer's recipe (optimizers.py) adds its
+    own keys and changes what differs. The comment beside each key is what `--help` says of it
+    (describe_defaults)."""
+    # I/O
+    out_dir = 'out'  # checkpoints, metrics.jsonl (the local log compare.py reads) and config go here
+    eval_interval = 1000  # estimate train and val loss every this many iterations
+    eval_iters = 200  # batches per split for each estimate (the same batches every time)
+    log_interval = 10  # print and log a training line every this many iterations
+    eval_only = False  # evaluate once and exit
+    init_from = 'scratch'  # 'scratch'; 'resume' (the newest good checkpoint in out_dir); 'gpt2*' or a Hugging Face model dir (pretrained weights); or a checkpoint to continue in out_dir (a .pt file: ours, the official Sophia scripts' or nanoGPT's; a sharded run's .dcp folder)
+    checkpoint_interval = 1000  # save a checkpoint every this many iterations, at the end, and when val improves
+    always_save_checkpoint = False  # also save after every evaluation (nanoGPT's and the official scripts' key)
+    keep_last = 3  # keep this many newest checkpoints (best.pt is kept besides)
+    # wandb logging
+    wandb_log = False  # log to wandb too (metrics.jsonl is always written)
+    wandb_mode = 'online'  # 'online', or 'offline' to log with no network (`wandb sync` later)
+    wandb_project = 'sophia'  # the wandb project to log to
+    wandb_run_name = 'gpt2-small-adamw'  # also the run's label in metrics.jsonl and compare.py
+    # data and batch (processes x batch_size x gradient_accumulation_steps = total_bs sequences per iteration)
+    dataset = 'openwebtext'  # a folder under data/ (or a path) holding train.bin, val.bin, meta.pkl
+    total_bs = 480  # sequences per iteration over all processes (480 x 1024 = 491,520 tokens, the official runs)
+    batch_size = 12  # sequences per micro-batch, in each process
+    gradient_accumulation_steps = 0  # micro-batches per iteration in each process; 0 = total_bs / (batch_size x processes)
+    block_size = 1024  # tokens per sequence
+    # model
+    n_layer = 12  # transformer blocks
+    n_head = 12  # attention heads per block
+    n_embd = 768  # width of the residual stream
+    dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
+    bias = False  # biases in Linear and LayerNorm layers
+    scale_attn_by_inverse_layer_idx = True  # also scale layer i's attention logits by 1/(i+1), as every official GPT-2 run
+    gelu = 'tanh'  # 'tanh' (GPT-2, the official runs) or 'exact' (nanoGPT; faster on some CPUs)
+    # optimizer
+    learning_rate = 6e-4  # peak learning rate
+    max_iters = 100000  # total iterations
+    weight_decay = 1e-1  # decoupled weight decay of the matmul weights and embeddings
+    beta1 = 0.9  # AdamW's first-moment EMA
+    beta2 = 0.95  # AdamW's second-moment EMA
+    grad_clip = 1.0  # clip the gradient norm at this value, 0 disables
+    # learning rate schedule: linear warmup, cosine decay to min_lr, then constant
+    decay_lr = True  # False: learning_rate throughout
+    warmup_iters = 2000  # iterations of linear warmup
+    lr_decay_iters = 100000  # the iteration where the cosine reaches min_lr (~ max_iters per Chinchilla)
+    min_lr = 3e-5  # ~ learning_rate / 10 per Chinchilla
+    # system
+    device = 'cuda'  # 'cpu', 'cuda', 'cuda:N' or 'mps'; under torchrun each process takes cuda:LOCAL_RANK
+    dtype = 'bfloat16'  # 'float32', 'bfloat16', or 'float16' (with a GradScaler)
+    compile = True  # torch.compile the model
+    seed = 1337  # initialisation, data order and the Hessian pass's labels
+    peak_flops = 0.0  # the device's dense peak FLOP/s for MFU; 0 = look it up by GPU name (unknown: no MFU)
+    backend = 'auto'  # process-group backend under torchrun: 'auto' (nccl on CUDA, gloo otherwise), 'nccl' or 'gloo'
+    # parallelism over the processes of a torchrun launch
+    data_parallel = 'ddp'  # 'ddp': every process holds the whole model and optimizer; 'fsdp': all of it sharded over the processes; 'hsdp': sharded within a node, replicated across nodes
+    shard_group_size = 0  # hsdp: processes per shard group; 0 = the processes of a node (torchrun's LOCAL_WORLD_SIZE)
+    reshard_after_forward = 'auto'  # fsdp/hsdp: 'true' frees a block's gathered parameters after its forward, 'false' keeps them for its backward; 'auto': 'false' where the model in compute precision takes under a tenth of a GPU's memory
+    activation_checkpointing = False  # recompute each block's activations in backward: less memory for about a third more compute
+    # faults
+    max_nonfinite = 5  # stop after this many iterations in a row with a non-finite loss or gradient
+    ddp_timeout = 600  # seconds a process waits for the others before it stops with an error
+    return dict(locals())
+
+# -----------------------------------------------------------------------------
+# reading config files and arguments
 
 def unknown_key(key, config):
     """The message for a name that is no config key, with the nearest key as a suggestion."""
@@ -180,9 +251,8 @@ def parse_args(defaults, argv, foreign=None, notes=None):
 # -----------------------------------------------------------------------------
 # batch arithmetic
 
-BatchPlan = namedtuple('BatchPlan', 'micro_steps sequences hess_micro_steps hess_sequences')
-BatchPlan.__doc__ = """Per iteration: micro_steps micro-batches per process, sequences over all processes;
-per Hessian pass: hess_micro_steps micro-batches per process, hess_sequences over all processes."""
+BatchPlan = namedtuple('BatchPlan', 'micro_steps sequences')
+BatchPlan.__doc__ = """Per iteration: micro_steps micro-batches per process, sequences over all processes."""
 
 def batch_plan(config, sources, world_size):
     """The batch arithmetic of the official Sophia scripts: gradient_accumulation_steps counts the
@@ -190,8 +260,7 @@ def batch_plan(config, sources, world_size):
     sequences make one iteration. total_bs is that product, the sequences per iteration over all
     processes (480 in the official GPT-2 runs). With gradient_accumulation_steps = 0 it is derived
     from total_bs, so one config trains the same global batch on any number of processes; with
-    both set explicitly the product must equal total_bs. hess_micro_steps (Sophia) also counts a
-    process's micro-batches; 0 = gradient_accumulation_steps, a Hessian batch as large as a step."""
+    both set explicitly the product must equal total_bs."""
     def show(key):
         return f"{key}={config[key]!r} ({sources.get(key, 'default')})"
     batch, accumulation, total = config['batch_size'], config['gradient_accumulation_steps'], config['total_bs']
@@ -211,9 +280,7 @@ def batch_plan(config, sources, world_size):
                           + (f"use --gradient_accumulation_steps={total // (batch * world_size)} (or 0 to derive "
                              f"it)" if total % (batch * world_size) == 0 else split_advice(total, batch, world_size))
                           + f", or --total_bs={world_size * batch * accumulation} to train with that batch")
-    hess_micro_steps = config.get('hess_micro_steps', 0) or accumulation
-    return BatchPlan(accumulation, accumulation * batch * world_size,
-                     hess_micro_steps, hess_micro_steps * batch * world_size)
+    return BatchPlan(accumulation, accumulation * batch * world_size)
 
 def split_advice(total, batch, world_size):
     """How to split total sequences over world_size processes when batch does not fit."""
@@ -224,25 +291,41 @@ def split_advice(total, batch, world_size):
     near = [size for size in sizes if size < batch][-2:] + [size for size in sizes if size > batch][:2]
     return f"use a batch_size that divides {per_process} (e.g. {', '.join(map(str, near))})"
 
-def check_config(config, sources, world_size=1, local_world_size=None):
+class Checks:
+    """The checks of one config, each raising ConfigError with one line that names the key, its
+    value and where the value came from: check_config's, and an optimizer's own (optimizers.py)."""
+
+    def __init__(self, config, sources):
+        self.config, self.sources = config, sources
+
+    def show(self, key):
+        return f"{key}={self.config[key]!r} ({self.sources.get(key, 'default')})"
+
+    def fail(self, message):
+        raise ConfigError(message)
+
+    def positive(self, *keys):
+        for key in keys:
+            if self.config[key] <= 0:
+                self.fail(f"{self.show(key)}: must be > 0")
+
+    def non_negative(self, *keys):
+        for key in keys:
+            if self.config[key] < 0:
+                self.fail(f"{self.show(key)}: must be >= 0")
+
+    def one_of(self, key, allowed):
+        if self.config[key] not in allowed:
+            self.fail(f"{self.show(key)}: expected one of {', '.join(allowed)}")
+
+def check_config(config, sources, world_size=1, local_world_size=None, recipe=None):
     """Reject values and combinations that cannot work. `world_size` is the number of processes
     (torchrun's WORLD_SIZE), which the batch arithmetic needs (batch_plan); `local_world_size`
-    those on one node (LOCAL_WORLD_SIZE), the default shard group of HSDP."""
-    def show(key):
-        return f"{key}={config[key]!r} ({sources.get(key, 'default')})"
-    def fail(message):
-        raise ConfigError(message)
-    def positive(*keys):
-        for key in keys:
-            if config[key] <= 0:
-                fail(f"{show(key)}: must be > 0")
-    def non_negative(*keys):
-        for key in keys:
-            if config[key] < 0:
-                fail(f"{show(key)}: must be >= 0")
-    def one_of(key, allowed):
-        if config[key] not in allowed:
-            fail(f"{show(key)}: expected one of {', '.join(allowed)}")
+    those on one node (LOCAL_WORLD_SIZE), the default shard group of HSDP; `recipe` the
+    optimizer's (optimizers.py), which checks its own keys."""
+    checks = Checks(config, sources)
+    show, fail, positive, non_negative, one_of = (checks.show, checks.fail, checks.positive,
+                                                  checks.non_negative, checks.one_of)
 
     positive('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'learning_rate',
              'eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'keep_last',
@@ -288,20 +371,14 @@ def check_config(config, sources, world_size=1, local_world_size=None):
         if sharded and device == 'mps':
             fail(f"{show('data_parallel')} cannot run on {show('device')}: FSDP needs the gloo (CPU) or nccl "
                  f"(CUDA) backend; use --device=cpu or cuda, or --data_parallel=ddp")
-        if sharded and config.get('hessian_estimator') == 'hutchinson':
-            fail(f"{show('hessian_estimator')} takes a double backward through the model, which FSDP's sharded "
-                 f"parameters do not support; use --hessian_estimator=gnb or --data_parallel=ddp")
         if config['data_parallel'] == 'hsdp':
             shard = config['shard_group_size'] or (local_world_size or world_size)
             if world_size % shard:
                 fail(f"{show('data_parallel')}: shard groups of {shard} processes "
                      f"({show('shard_group_size') if config['shard_group_size'] else 'the processes of a node'}) "
                      f"do not divide the {world_size} processes; set --shard_group_size to a divisor of {world_size}")
-    if 'rho' in config:  # the Sophia keys exist in train_sophiag.py only
-        positive('rho', 'hess_interval')
-        non_negative('hess_micro_steps')
-        one_of('hessian_estimator', HESSIAN_ESTIMATORS)
-        non_negative('hess_grad_clip')
+    if recipe is not None:  # the optimizer's own keys, and what it cannot do
+        recipe.check(config, checks, world_size)
     batch_plan(config, sources, world_size)  # raises on batch arithmetic that cannot work
 
 def format_config(config, sources):

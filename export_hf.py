@@ -30,7 +30,7 @@ How this repository's model maps onto transformers' GPT2Config:
 - n_positions is the block size (a cropped one where the run cropped it), layer_norm_epsilon 1e-5,
   input and output embeddings tied;
 - the vocabulary keeps the model's size, so GPT-2 BPE runs export 50,304 logits, GPT-2's 50,257
-  padded to a multiple of 64 (trainer.model_vocab_size): ids 50257..50303 never occur in the data
+  padded to a multiple of 64 (batches.model_vocab_size): ids 50257..50303 never occur in the data
   and the tokenizer never produces them; their logits are learned to be low, not -inf.
 
 Anything else is refused with one line and exit status 2, nothing written: no checkpoint, a
@@ -47,9 +47,9 @@ import sys
 import torch
 
 import checkpoint
-from configurator import ConfigError, parse_args
+from batches import data_dir_of
+from configurator import ConfigError, UserError, parse_args
 from tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_encoding, load_meta
-from trainer import UserError, data_dir_of
 
 def export_defaults():
     checkpoint = ''  # a checkpoint file: a path, or a file name in OUT_DIR; '' picks one by --which
@@ -62,7 +62,7 @@ USAGE = ("usage: python export_hf.py OUT_DIR HF_DIR [--checkpoint=PATH] [--which
          "[--tokenizer=auto|gpt2|none] [--overwrite=True]")
 
 # the model_args keys this export knows how to map; a key added to the model later is refused
-# until it is mapped here, rather than dropped silently (trainer.MODEL_KEYS is tested against it)
+# until it is mapped here, rather than dropped silently (model.MODEL_KEYS is tested against it)
 EXPORTED_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout',
                  'scale_attn_by_inverse_layer_idx', 'gelu')
 HF_ACTIVATION = {'tanh': 'gelu_new', 'exact': 'gelu'}

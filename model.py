@@ -106,6 +106,10 @@ class GPTConfig:
     scale_attn_by_inverse_layer_idx: bool = False # True: layer i's attention logits also scaled by 1/(i+1)
     gelu: str = 'tanh' # 'tanh': GPT-2's approximation (the official Sophia runs); 'exact': erf, as nanoGPT
 
+# a checkpoint's model_args: GPTConfig's fields
+MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout',
+              'scale_attn_by_inverse_layer_idx', 'gelu')
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -182,7 +186,7 @@ class GPT(nn.Module):
 
     def crop_block_size(self, block_size):
         # shorten the context, e.g. to train GPT-2's weights (1024 positions) on shorter sequences:
-        # keeps the first block_size position embeddings. Call it before configure_optimizers: it
+        # keeps the first block_size position embeddings. Call it before building the optimizer: it
         # replaces the wpe parameter, which an existing optimizer would not see.
         if block_size > self.config.block_size:
             raise ValueError(f"crop_block_size: {block_size} is larger than the model's block_size "
@@ -234,38 +238,6 @@ class GPT(nn.Module):
                 assert w.shape == sd[k].shape, f"{k}: checkpoint {tuple(w.shape)} vs model {tuple(sd[k].shape)}"
                 sd[k].copy_(w)
         return model
-
-    def configure_optimizers(self, optimizer_name, learning_rate, weight_decay, betas, device_type, rho=None):
-        if optimizer_name not in ('adamw', 'sophiag'):
-            raise ValueError(f"unknown optimizer_name {optimizer_name!r}: use 'adamw' or 'sophiag'")
-        if optimizer_name == 'sophiag' and rho is None:
-            raise ValueError("optimizer 'sophiag' needs rho (the official GPT-2 runs use 0.05 to 0.08)")
-        # parameters() yields the tied wte / lm_head tensor once; frozen tensors are left out
-        params = [p for p in self.parameters() if p.requires_grad]
-        # weight decay on every tensor that is 2D or more (matmul weights, embeddings), none on
-        # biases and LayerNorm gains, which only shift and scale activations (GPT-2 practice)
-        decay_params = [p for p in params if p.dim() >= 2]
-        nodecay_params = [p for p in params if p.dim() < 2]
-        optim_groups = [
-            {'params': decay_params, 'weight_decay': weight_decay},
-            {'params': nodecay_params, 'weight_decay': 0.0}
-        ]
-        grouped = [id(p) for group in optim_groups for p in group['params']]
-        assert len(grouped) == len(set(grouped)) and set(grouped) == {id(p) for p in params}, \
-            "configure_optimizers: every trainable parameter must be in exactly one group"
-        num_decay_params = sum(p.numel() for p in decay_params)
-        num_nodecay_params = sum(p.numel() for p in nodecay_params)
-        print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
-        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
-        if optimizer_name == 'sophiag':
-            from sophia import SophiaG
-            return SophiaG(optim_groups, lr=learning_rate, betas=betas, rho=rho, weight_decay=weight_decay)
-        # the fused kernel updates each tensor in one pass: on GPT-2 124M shapes, 2-core CPU, 84 ms
-        # a step against 340 ms for foreach. torch 2.13 has it on cuda and cpu; elsewhere foreach.
-        use_fused = device_type in ('cuda', 'cpu')
-        extra_args = dict(fused=True) if use_fused else dict(foreach=True)
-        print(f"using fused AdamW: {use_fused}")
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
 
     def flops_per_token(self):
         """ FLOPs of one forward + backward pass per token, at sequence length block_size """

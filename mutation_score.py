@@ -1,6 +1,6 @@
 """
-Mutation score of the optimizer (sophia.py) and of the Sophia-specific parts of the training loop
-(trainer.py's Hessian pass, its schedule and the optimizer's hyperparameters), with mutmut: each
+Mutation score of the optimizer (sophia.py) and of what Sophia-G adds to the training loop
+(optimizers.py's SophiaGRecipe: the Hessian pass, its schedule, the optimizer it builds), with mutmut: each
 mutant is a copy of one function with one small change (an operator, a constant, an argument
 dropped), and the tests that reach that function run against it. A mutant is killed when a test
 fails, and survives otherwise; the score is the share killed. Not part of CI: it takes about half
@@ -9,7 +9,7 @@ an hour on 2 cores (20 minutes for mutmut's run, 6 for --recheck).
     $ pip install mutmut
     $ python mutation_score.py --recheck          # runs what is not yet done, then reports
     $ python mutation_score.py --report_only      # the report of what has run
-    $ python mutation_score.py 'trainer.x_hessian_due__mutmut_*'   # some of the mutants only
+    $ python mutation_score.py 'optimizers.xǁSophiaGRecipeǁhessian_due__mutmut_*'   # some of the mutants only
     $ mutmut show 'sophia.x_sample_labels__mutmut_15'    # one mutant's change
 
 mutmut works in a copy of the repository under mutants/ (ignored by git) and keeps its results
@@ -34,11 +34,12 @@ import sys
 from collections import Counter
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# what is mutated: every function of sophia.py, and these of trainer.py (the rest of the loop is
-# shared with AdamW and checked by the end-to-end tests, not here)
-TARGETS = ['sophia.*'] + [f'trainer.x_{name}__mutmut_*' for name in (
-    'hessian_pass', 'gnb_hessian_pass', 'hutchinson_hessian_pass', 'hessian_due', 'sampled_loss',
-    'optimizer_hyperparameters')] + ['trainer.xǁIntervalLogǁhessian_pass__mutmut_*']
+# what is mutated: every function of sophia.py, and what Sophia-G adds to the loop in optimizers.py
+# (the rest of the loop is shared with the other optimizers and checked by the end-to-end tests)
+TARGETS = ['sophia.*'] + [f'optimizers.x_{name}__mutmut_*' for name in (
+    'gnb_hessian_pass', 'hutchinson_hessian_pass', 'sampled_loss')] + [
+    f'optimizers.xǁSophiaGRecipeǁ{name}__mutmut_*' for name in (
+        'hessian_pass', 'hessian_due', 'after_step', 'build', 'step', '__init__', 'diagnostics')]
 # functions whose mutants mutmut cannot measure, left out of the score: mutmut imports the code
 # once and forks a process per mutant, and these run once per process before that fork
 NOT_MEASURABLE = {
@@ -54,9 +55,9 @@ NOT_MEASURABLE = {
 # MUTANT_UNDER_TEST variable that selects the mutant.
 TWO_PROCESSES = 'tests/test_hessian.py::test_two_processes_hold_the_state_one_process_holds'
 END_TO_END = {
-    'trainer.gnb_hessian_pass': [TWO_PROCESSES + '[gnb]'],
-    'trainer.hessian_pass': [TWO_PROCESSES + '[gnb]'],
-    'trainer.hutchinson_hessian_pass': [TWO_PROCESSES + '[hutchinson]'],
+    'optimizers.gnb_hessian_pass': [TWO_PROCESSES + '[gnb]'],
+    'optimizers.SophiaGRecipe.hessian_pass': [TWO_PROCESSES + '[gnb]'],
+    'optimizers.hutchinson_hessian_pass': [TWO_PROCESSES + '[hutchinson]'],
     'sophia._local': ['tests/test_fsdp.py::test_fsdp_trains_as_ddp_does'],
 }
 # {mutant: [status, sha256 of the mutated module's file in mutants/ when it was rechecked]}: an entry

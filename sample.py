@@ -15,9 +15,9 @@ import sys
 import torch
 
 import checkpoint
-from configurator import ConfigError, describe_defaults, format_help, parse_args, wants_help
+from batches import data_dir_of
+from configurator import ConfigError, UserError, describe_defaults, format_help, parse_args, wants_help
 from tokenizer import encoder_decoder, gpt2_encoding, load_meta
-from trainer import UserError, data_dir_of
 
 def sample_defaults():
     """The keys of sample.py; the comment beside each is what --help says of it."""

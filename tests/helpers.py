@@ -14,8 +14,16 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import trainer  # noqa: E402
-from train_adam import adam_defaults  # noqa: E402
-from train_sophiag import sophiag_defaults  # noqa: E402
+from optimizers import RECIPES, AdamWRecipe, MuonRecipe, SophiaGRecipe  # noqa: E402
+
+def sophiag_defaults():
+    return SophiaGRecipe.defaults()
+
+def adam_defaults():
+    return AdamWRecipe.defaults()
+
+def muon_defaults():
+    return MuonRecipe.defaults()
 
 def make_char_dataset(folder):
     """A character-level dataset from this repository's own Python files (about 100k characters),
@@ -74,7 +82,7 @@ def run_main(args, optimizer='sophiag'):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer.main(optimizer, sophiag_defaults() if optimizer == 'sophiag' else adam_defaults(), args)
+        trainer.main(RECIPES[optimizer], args)
     except SystemExit as e:
         return e.code
     finally:

@@ -14,15 +14,18 @@ import torch
 from helpers import ROOT, make_char_dataset, read_metrics, run_main, tiny_args
 
 sys.path.insert(0, ROOT)
+import batches  # noqa: E402
 import checkpoint  # noqa: E402
 import trainer  # noqa: E402
+from batches import EVAL_STREAMS, HESSIAN_STREAM, TRAIN_STREAM, TokenFiles, window_starts  # noqa: E402
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     return make_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny_char'))
 
 def batch(path, seed, stream, first, batch_size, block_size=32, vocab_size=1 << 16):
-    return trainer.get_batch(path, seed, stream, first, batch_size, block_size, vocab_size, 'cpu', 'test')
+    data = TokenFiles({'train': path}, 'test', vocab_size, batch_size, block_size, 'cpu')
+    return batches.get_batch(data, 'train', seed, stream, first)
 
 # -----------------------------------------------------------------------------
 # get_batch
@@ -32,11 +35,11 @@ def test_targets_are_the_inputs_one_token_later_in_the_file(dataset):
     its first block_size tokens, the targets the block_size tokens one later."""
     path = os.path.join(dataset, 'train.bin')
     data = np.memmap(path, dtype=np.uint16, mode='r')
-    for seed, stream, first in ((1337, trainer.TRAIN_STREAM, 0), (7, trainer.HESSIAN_STREAM, 123),
-                                (0, trainer.EVAL_STREAMS['val'], 40)):
+    for seed, stream, first in ((1337, TRAIN_STREAM, 0), (7, HESSIAN_STREAM, 123),
+                                (0, EVAL_STREAMS['val'], 40)):
         X, Y = batch(path, seed, stream, first, 6)
         assert X.shape == Y.shape == (6, 32) and X.dtype == Y.dtype == torch.int64
-        starts = trainer.window_starts(seed, stream, first, 6, len(data) - 32)
+        starts = window_starts(seed, stream, first, 6, len(data) - 32)
         for row, start in enumerate(starts):
             assert X[row].tolist() == data[start:start + 32].tolist()
             assert Y[row].tolist() == data[start + 1:start + 33].tolist()
@@ -48,7 +51,7 @@ def test_every_window_lies_inside_the_file_and_the_last_one_is_drawn(tmp_path):
     drawn, and the last one's targets end at the file's last token."""
     path = str(tmp_path / 'tokens.bin')
     np.arange(40, dtype=np.uint16).tofile(path)
-    X, Y = batch(path, 1337, trainer.TRAIN_STREAM, 0, 400)
+    X, Y = batch(path, 1337, TRAIN_STREAM, 0, 400)
     starts = X[:, 0]
     assert torch.equal(X, starts[:, None] + torch.arange(32)) and torch.equal(Y, X + 1)
     assert set(starts.tolist()) == set(range(8))
@@ -59,15 +62,15 @@ def test_a_sequence_is_the_same_however_the_stream_is_split(dataset):
     of 4 and eight of 1, which is what lets any number of processes and any micro-batch size
     train on the same global batches."""
     path = os.path.join(dataset, 'train.bin')
-    whole = batch(path, 1337, trainer.TRAIN_STREAM, 16, 8)
-    halves = [batch(path, 1337, trainer.TRAIN_STREAM, 16 + 4 * i, 4) for i in range(2)]
-    singles = [batch(path, 1337, trainer.TRAIN_STREAM, 16 + i, 1) for i in range(8)]
+    whole = batch(path, 1337, TRAIN_STREAM, 16, 8)
+    halves = [batch(path, 1337, TRAIN_STREAM, 16 + 4 * i, 4) for i in range(2)]
+    singles = [batch(path, 1337, TRAIN_STREAM, 16 + i, 1) for i in range(8)]
     for parts in (halves, singles):
         assert torch.equal(whole[0], torch.cat([x for x, _ in parts]))
         assert torch.equal(whole[1], torch.cat([y for _, y in parts]))
     # another seed, another stream or other sequences are other windows
-    for other in (batch(path, 1338, trainer.TRAIN_STREAM, 16, 8), batch(path, 1337, trainer.HESSIAN_STREAM, 16, 8),
-                  batch(path, 1337, trainer.TRAIN_STREAM, 24, 8)):
+    for other in (batch(path, 1338, TRAIN_STREAM, 16, 8), batch(path, 1337, HESSIAN_STREAM, 16, 8),
+                  batch(path, 1337, TRAIN_STREAM, 24, 8)):
         assert (other[0] != whole[0]).any(dim=1).all()
 
 def recorded_batches(monkeypatch, dataset, out, seed):
@@ -75,9 +78,9 @@ def recorded_batches(monkeypatch, dataset, out, seed):
     get_batch gave out, as (split file, stream, first sequence, X, Y)."""
     calls = []
     get_batch = trainer.get_batch
-    def recording(path, seed_, stream, first, *args):
-        X, Y = get_batch(path, seed_, stream, first, *args)
-        calls.append((os.path.basename(path), stream, first, X, Y))
+    def recording(data, split, seed_, stream, first):
+        X, Y = get_batch(data, split, seed_, stream, first)
+        calls.append((os.path.basename(data.paths[split]), stream, first, X, Y))
         return X, Y
     monkeypatch.setattr(trainer, 'get_batch', recording)
     assert run_main(tiny_args(dataset, out, False, seed=seed, max_iters=4, eval_interval=2, eval_iters=3,
@@ -89,20 +92,20 @@ def test_evaluation_batches_are_the_same_for_every_seed_and_every_evaluation(dat
     """The loss estimates of runs with different seeds, and the successive estimates of one run, are
     measured on identical batches (README, Comparing runs); the training batches follow the seed."""
     runs = {seed: recorded_batches(monkeypatch, dataset, str(tmp_path / f'seed{seed}'), seed) for seed in (1, 2)}
-    eval_streams = set(trainer.EVAL_STREAMS.values())
+    eval_streams = set(EVAL_STREAMS.values())
     evaluations = {}
     for seed, calls in runs.items():
         evals = [call for call in calls if call[1] in eval_streams]
         # 3 evaluations of eval_iters=3 batches of each split, in order: train split, then val
-        per_evaluation = [('train.bin', trainer.EVAL_STREAMS['train'], 4 * k) for k in range(3)] + \
-                         [('val.bin', trainer.EVAL_STREAMS['val'], 4 * k) for k in range(3)]
+        per_evaluation = [('train.bin', EVAL_STREAMS['train'], 4 * k) for k in range(3)] + \
+                         [('val.bin', EVAL_STREAMS['val'], 4 * k) for k in range(3)]
         assert [call[:3] for call in evals] == per_evaluation * 3
         for i in range(6, len(evals)):
             assert torch.equal(evals[i][3], evals[i % 6][3]) and torch.equal(evals[i][4], evals[i % 6][4])
         evaluations[seed] = evals[:6]
     for a, b in zip(evaluations[1], evaluations[2]):
         assert torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
-    training = {seed: torch.cat([call[3] for call in calls if call[1] == trainer.TRAIN_STREAM])
+    training = {seed: torch.cat([call[3] for call in calls if call[1] == TRAIN_STREAM])
                 for seed, calls in runs.items()}
     assert training[1].shape == training[2].shape == (4 * 8, 32)  # 4 iterations of 8 sequences
     assert (training[1] != training[2]).any(dim=1).all()

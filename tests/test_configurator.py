@@ -7,8 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import ConfigError, batch_plan, check_config, format_config, parse_args  # noqa: E402
-from train_adam import adam_defaults  # noqa: E402
-from train_sophiag import sophiag_defaults  # noqa: E402
+from optimizers import RECIPES, SophiaGRecipe  # noqa: E402
 
 DEFAULTS = dict(learning_rate=6e-4, max_iters=100, compile=True, dataset='owt', eps=1e-8)
 
@@ -77,27 +76,46 @@ def test_names_local_to_functions_and_comprehensions_are_allowed(tmp_path):
     path = write(tmp_path, "def f(x):\n    y = x\n    return y\nmax_iters = f(3) + sum(z for z in [1])\n")
     assert parse_args(DEFAULTS, [path])[0]['max_iters'] == 4
 
-@pytest.mark.parametrize('defaults', [sophiag_defaults, adam_defaults])
-def test_the_training_defaults_pass_the_checks(defaults):
-    config, sources = parse_args(defaults(), [])
-    check_config(config, sources, world_size=8)
+@pytest.mark.parametrize('recipe', RECIPES.values())
+def test_the_training_defaults_pass_the_checks(recipe):
+    config, sources = parse_args(recipe.defaults(), [])
+    check_config(config, sources, world_size=8, recipe=recipe)
 
 def test_the_shipped_config_files_load_and_pass_the_checks():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in sorted(os.listdir(os.path.join(root, 'config'))):
-        defaults = sophiag_defaults() if 'sophiag' in name else adam_defaults()
-        config, sources = parse_args(defaults, [os.path.join(root, 'config', name)])
-        check_config(config, sources, world_size=1)
-        if 'gpt2' in name:  # the official batch: 480 sequences of 1024 tokens on any number of GPUs
+        recipe = next(r for r in RECIPES.values() if name.endswith(r.script.removeprefix('train')))
+        config, sources = parse_args(recipe.defaults(), [os.path.join(root, 'config', name)])
+        check_config(config, sources, world_size=1, recipe=recipe)
+        if 'gpt2' in name and 'fineweb' not in name:  # the official batch: 480 sequences of 1024 tokens
             for world_size in (1, 8, 10):
-                check_config(config, sources, world_size=world_size)
+                check_config(config, sources, world_size=world_size, recipe=recipe)
                 plan = batch_plan(config, sources, world_size)
                 assert plan.sequences * config['block_size'] == 491520
                 assert world_size * plan.micro_steps * config['batch_size'] == 480
+        if 'fineweb' in name:  # llm.c's batch: 512 sequences of 1024 tokens
+            for world_size in (1, 8):
+                check_config(config, sources, world_size=world_size, recipe=recipe)
+                assert batch_plan(config, sources, world_size).sequences * config['block_size'] == 524288
 
 def test_sophia_keys_are_unknown_to_the_adam_script():
     with pytest.raises(ConfigError, match="'rho' is not a config key"):
-        parse_args(adam_defaults(), ['--rho=0.05'])
+        parse_args(RECIPES['adamw'].defaults(), ['--rho=0.05'])
+
+@pytest.mark.parametrize('script, key, owner', [('adamw', 'rho', 'sophiag'), ('muon', 'hess_interval', 'sophiag'),
+                                                ('sophiag', 'muon_momentum', 'muon'), ('adamw', 'muon_ns_steps', 'muon')])
+def test_another_optimizers_key_names_the_script_that_takes_it(tmp_path, script, key, owner):
+    recipe, other = RECIPES[script], RECIPES[owner]
+    value = other.defaults()[key]
+    expected = (f"'{key}' is a key of {other.title}, which {other.script} trains; {recipe.script} trains "
+                f"{recipe.title} and has no such key")
+    with pytest.raises(ConfigError) as e:
+        parse_args(recipe.defaults(), [f'--{key}={value}'], recipe.foreign_keys())
+    assert str(e.value) == f"argument --{key}={value}: {expected}"
+    path = write(tmp_path, f"max_iters = 10\n{key} = {value!r}\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(recipe.defaults(), [path], recipe.foreign_keys())
+    assert str(e.value) == f"{path}:2: {expected}"
 
 @pytest.mark.parametrize('argv, world_size, message', [
     (['--min_lr=1e-2'], 1, "min_lr=0.01 (argument --min_lr=1e-2) is larger than learning_rate=0.0006 (default)"),
@@ -120,9 +138,9 @@ def test_sophia_keys_are_unknown_to_the_adam_script():
     (['--init_from=gpt2', '--gelu=exact'], 1, "pretrained GPT-2 weights need the tanh GELU"),
 ])
 def test_impossible_values_and_combinations(argv, world_size, message):
-    config, sources = parse_args(sophiag_defaults(), argv)
+    config, sources = parse_args(SophiaGRecipe.defaults(), argv)
     with pytest.raises(ConfigError) as e:
-        check_config(config, sources, world_size=world_size)
+        check_config(config, sources, world_size=world_size, recipe=SophiaGRecipe)
     assert message in str(e.value) and '\n' not in str(e.value)
 
 def test_format_config_names_where_values_came_from():

@@ -20,7 +20,7 @@ import checkpoint  # noqa: E402
 import export_hf  # noqa: E402
 import tokenizer  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from trainer import MODEL_KEYS  # noqa: E402
+from model import MODEL_KEYS  # noqa: E402
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, pipeline  # noqa: E402
 
@@ -64,7 +64,7 @@ def compare(model, folder, length, **config_overrides):
 # ----------------------------------------------------------------------------- the mapping
 
 def test_every_model_key_is_mapped():
-    # a key added to the model (trainer.MODEL_KEYS) must be mapped in export_hf.py, or its
+    # a key added to the model (model.MODEL_KEYS) must be mapped in export_hf.py, or its
     # checkpoints are refused: this fails as a reminder
     assert set(MODEL_KEYS) == set(export_hf.EXPORTED_KEYS)
 

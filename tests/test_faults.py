@@ -30,9 +30,8 @@ from helpers import (ROOT, call_main, check_ok, make_char_dataset, read_metrics,
 
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
+import optimizers  # noqa: E402
 import trainer  # noqa: E402
-from train_adam import adam_defaults  # noqa: E402
-from train_sophiag import sophiag_defaults  # noqa: E402
 
 ONE_THREAD = {'OMP_NUM_THREADS': '1'}
 # the shared run: a checkpoint every 2 iterations, a train row in metrics.jsonl every iteration
@@ -211,7 +210,7 @@ FAULTY_SCRIPT = '''
 import atexit, os, signal, sys, time
 sys.path.insert(0, {root!r})
 import checkpoint, trainer
-from train_sophiag import sophiag_defaults
+from optimizers import SophiaGRecipe
 
 fault, at, rank = os.environ['FAULT'], int(os.environ['FAULT_ITER']), int(os.environ['RANK'])
 def note(event):  # when something happened, for the test to compare
@@ -237,7 +236,7 @@ if fault == 'signal' and rank == 0:
         note('saved')
         return path
     checkpoint.save_checkpoint = slow_save_checkpoint
-trainer.main('sophiag', sophiag_defaults(), sys.argv[1:])
+trainer.main(SophiaGRecipe, sys.argv[1:])
 '''
 
 def faulty_script(tmp_path):
@@ -290,7 +289,7 @@ LONG_KERNEL_SCRIPT = '''
 import os, sys, torch
 sys.path.insert(0, {root!r})
 import trainer
-from train_sophiag import sophiag_defaults
+from optimizers import SophiaGRecipe
 forward_loss = trainer.forward_loss
 def slow_forward_loss(model, X, Y, autocast):
     if model.training and not os.path.exists({started!r}):
@@ -300,7 +299,7 @@ def slow_forward_loss(model, X, Y, autocast):
         open({ended!r}, 'w').close()
     return forward_loss(model, X, Y, autocast)
 trainer.forward_loss = slow_forward_loss
-trainer.main('sophiag', sophiag_defaults(), sys.argv[1:])
+trainer.main(SophiaGRecipe, sys.argv[1:])
 '''
 
 def test_a_second_signal_exits_at_once_inside_a_long_kernel(tmp_path, dataset):
@@ -446,7 +445,7 @@ def test_a_nan_loss_skips_the_update_and_touches_no_state(tmp_path, dataset, mon
     assert rows[4]['loss'] is None and rows[5]['loss'] is not None
 
 def test_a_nan_hessian_pass_leaves_the_hessian_untouched(tmp_path, dataset, monkeypatch, capsys):
-    poison(monkeypatch, trainer, 'sampled_loss', {2})  # the second pass (iteration 5), first micro-batch
+    poison(monkeypatch, optimizers, 'sampled_loss', {2})  # the second pass (iteration 5), first micro-batch
     out = str(tmp_path / 'out')
     status, _, _ = call_main(capsys, tiny_args(dataset, out, **NAN_RUN))
     assert status == 0
@@ -464,7 +463,7 @@ def test_a_nan_hessian_pass_leaves_the_hessian_untouched(tmp_path, dataset, monk
 @pytest.mark.parametrize('bad_calls, skipped', [({0}, 1), ({0, 2}, 2)])  # the first pass; both passes
 def test_a_log_row_counts_every_skipped_hessian_pass_since_the_last(tmp_path, dataset, monkeypatch, capsys,
                                                                    bad_calls, skipped):
-    poison(monkeypatch, trainer, 'sampled_loss', bad_calls)
+    poison(monkeypatch, optimizers, 'sampled_loss', bad_calls)
     out = str(tmp_path / 'out')
     status, _, _ = call_main(capsys, tiny_args(dataset, out, **dict(NAN_RUN, log_interval=7)))
     assert status == 0
@@ -800,5 +799,5 @@ def test_the_script_itself_prints_only_the_line(tmp_path, dataset):
     args = tiny_args(dataset, str(tmp_path / 'out'), sophia=False) + ['--hess_interval=3']
     result = run_script('train_adam.py', args)
     assert result.returncode == 2
-    assert result.stderr == ("error: argument '--hess_interval=3': 'hess_interval' is not a config key "
-                             "(did you mean 'eval_interval'?)\n")
+    assert result.stderr == ("error: argument --hess_interval=3: 'hess_interval' is a key of Sophia-G, which "
+                             "train_sophiag.py trains; train_adam.py trains AdamW and has no such key\n")

@@ -45,10 +45,12 @@ def tensors_of(path):
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
         optimizer = _load_state_dict_from_keys({'optimizer'}, checkpoint_id=path)['optimizer']['state']
     else:
-        import trainer
+        import resume
         from model import GPT, GPTConfig
+        from optimizers import RECIPES
         model = GPT(GPTConfig(**state['model_args']))
-        optimizer = trainer.named_optimizer_state(state['optimizer'], model)['state']
+        groups = RECIPES[state['optimizer_name']].parameter_groups(model)
+        optimizer = resume.named_optimizer_state(state['optimizer'], groups)['state']
     for name, per_param in optimizer.items():
         for key, value in per_param.items():
             if key != 'step':

@@ -15,9 +15,11 @@ import torch
 from helpers import ROOT, call_main, make_char_dataset, run_main, run_script, check_ok, tiny_args, train_losses
 
 import checkpoint
+import resume
 import sophia
-import trainer
+from batches import HESSIAN_STREAM, TRAIN_STREAM, TokenFiles, get_batch, open_dataset, seed_of
 from model import GPT, GPTConfig
+from optimizers import SophiaGRecipe
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
@@ -39,24 +41,25 @@ def model_of(state):
 
 def hessians(state, model):
     """The checkpoint's Hessian EMA by parameter name."""
-    named = trainer.named_optimizer_state(state['optimizer'], model)['state']
+    named = resume.named_optimizer_state(state['optimizer'], SophiaGRecipe.parameter_groups(model))['state']
     return {name: value['hessian'] for name, value in named.items()}
 
 def pass_batches(config, dataset, micro_steps, first):
     """The first sequences of the Hessian pass's micro-batches and their inputs."""
-    _, paths = trainer.open_dataset(dataset, config['block_size'])
-    vocab = trainer.open_dataset(dataset, config['block_size'])[0]
     starts = [first + i * config['batch_size'] for i in range(micro_steps)]
-    return [(start, trainer.get_batch(paths['train'], config['seed'], trainer.TRAIN_STREAM, start,
-                                      config['batch_size'], config['block_size'], vocab, 'cpu', dataset)[0])
+    return [(start, get_batch(token_files(config, dataset), 'train', config['seed'], TRAIN_STREAM, start)[0])
             for start in starts]
+
+def token_files(config, dataset):
+    vocab, paths = open_dataset(dataset, config['block_size'])
+    return TokenFiles(paths, dataset, vocab, config['batch_size'], config['block_size'], 'cpu')
 
 def sampled_gradient(model, config, batches):
     """The gradient of the mean sampled-label loss over the micro-batches, the labels drawn as the
     loop draws them (the global RNG seeded per micro-batch)."""
     model.zero_grad()
     for start, X in batches:
-        torch.manual_seed(trainer.seed_of(config['seed'], trainer.HESSIAN_STREAM, start))
+        torch.manual_seed(seed_of(config['seed'], HESSIAN_STREAM, start))
         _, loss = model(X, sample_targets=True)
         (loss / len(batches)).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -102,21 +105,19 @@ def test_hutchinson_ema_is_the_estimate_of_the_pass(dataset, tmp_path):
     state, config = first_pass(dataset, str(tmp_path / 'out'), hessian_estimator='hutchinson', rho=0.01)
     model = model_of(state)
     batches = pass_batches(config, dataset, 2, first=8)
-    _, paths = trainer.open_dataset(dataset, config['block_size'])
-    vocab = trainer.open_dataset(dataset, config['block_size'])[0]
-    params = [p for group in trainer.parameter_groups(model) for p in [dict(model.named_parameters())[n] for n in group]]
+    groups = SophiaGRecipe.parameter_groups(model)
+    params = [p for group in groups for p in [dict(model.named_parameters())[n] for n in group]]
     total = [torch.zeros_like(p) for p in params]
     generator = torch.Generator()
     for start, _ in batches:
-        X, Y = trainer.get_batch(paths['train'], config['seed'], trainer.TRAIN_STREAM, start, config['batch_size'],
-                                 config['block_size'], vocab, 'cpu', dataset)
-        generator.manual_seed(trainer.seed_of(config['seed'], trainer.HESSIAN_STREAM, start))
+        X, Y = get_batch(token_files(config, dataset), 'train', config['seed'], TRAIN_STREAM, start)
+        generator.manual_seed(seed_of(config['seed'], HESSIAN_STREAM, start))
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel(SDPBackend.MATH):
             _, loss = model(X, Y)
             estimates = sophia.hutchinson_hessian(loss / 2, params, generator=generator)
         total = [t + e for t, e in zip(total, estimates)]
-    names = [n for group in trainer.parameter_groups(model) for n in group]
+    names = [n for group in groups for n in group]
     stored = hessians(state, model)
     assert any(e.lt(0).any() for e in total)  # Hutchinson estimates can be negative: kept as they are
     for name, estimate in zip(names, total):

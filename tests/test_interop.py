@@ -7,19 +7,23 @@ set, not a copy of them."""
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import ROOT, check_ok, make_char_dataset, read_metrics, run_script, tiny_args, train_losses
+from helpers import (ROOT, adam_defaults, check_ok, make_char_dataset, muon_defaults, read_metrics, run_script,
+                     sophiag_defaults, tiny_args, train_losses)
 
 sys.path.insert(0, ROOT)
+import resume  # noqa: E402
 import trainer  # noqa: E402
-from configurator import batch_plan, check_config, parse_args  # noqa: E402
+from batches import TokenFiles, open_dataset  # noqa: E402
+from configurator import ConfigError, batch_plan, check_config, parse_args  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from optimizers import RECIPES, AdamWRecipe, SophiaGRecipe  # noqa: E402
 from sophia import SophiaG  # noqa: E402
-from train_adam import adam_defaults  # noqa: E402
-from train_sophiag import sophiag_defaults  # noqa: E402
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
@@ -80,10 +84,11 @@ def test_official_config_and_launch_line_train_the_official_batch_with_our_confi
     official, sources = parse_args(defaults_of(optimizer), [official_config(str(tmp_path), size, optimizer),
                                                            f'--batch_size={batch}',
                                                            f'--gradient_accumulation_steps={accumulation}'],
-                                   trainer.foreign_keys(optimizer), notes)
-    check_config(official, sources, world_size=nproc)
+                                   RECIPES[optimizer].foreign_keys(), notes)
+    check_config(official, sources, world_size=nproc, recipe=RECIPES[optimizer])
     plan = batch_plan(official, sources, nproc)
-    assert (plan.micro_steps, plan.sequences, plan.hess_sequences) == (accumulation, 480, 480)
+    hess_sequences = SophiaGRecipe(official, plan).hess_sequences if optimizer == 'sophiag' else 480
+    assert (plan.micro_steps, plan.sequences, hess_sequences) == (accumulation, 480, 480)
     name = 'adam' if optimizer == 'adamw' else optimizer
     ours, our_sources = parse_args(defaults_of(optimizer), [os.path.join(ROOT, 'config', f'train_gpt2_{size}_{name}.py')])
     check_config(ours, our_sources, world_size=nproc)
@@ -99,8 +104,8 @@ def test_official_config_and_launch_line_train_the_official_batch_with_our_confi
 def test_a_launch_whose_product_is_not_the_total_is_refused(tmp_path):
     path = official_config(str(tmp_path), 'small', 'sophiag')  # total_bs = 480
     config, sources = parse_args(sophiag_defaults(), [path, '--batch_size=8', '--gradient_accumulation_steps=6'],
-                                 trainer.foreign_keys('sophiag'))
-    with pytest.raises(trainer.ConfigError) as e:
+                                 SophiaGRecipe.foreign_keys())
+    with pytest.raises(ConfigError) as e:
         check_config(config, sources, world_size=8)
     assert str(e.value).startswith(f"8 processes x batch_size=8 (argument --batch_size=8) x gradient_accumulation_steps=6 "
                                    f"(argument --gradient_accumulation_steps=6) = 384 sequences per iteration, but "
@@ -110,20 +115,20 @@ def test_a_launch_whose_product_is_not_the_total_is_refused(tmp_path):
 @pytest.mark.parametrize('optimizer, key, value, message', [
     ('sophiag', 'optimizer_name', 'adamw', "optimizer_name='adamw' (argument --optimizer_name=adamw) but "
                                            "train_sophiag.py trains sophiag; run train_adam.py with this config"),
-    ('adamw', 'optimizer_name', 'lion', "this repository trains sophiag (train_sophiag.py) and adamw (train_adam.py)"),
+    ('adamw', 'optimizer_name', 'lion', "this repository trains adamw (train_adam.py), sophiag (train_sophiag.py), muon (train_muon.py)"),
     ('adamw', 'interval', 10, "'interval' is not a config key"),  # AdamW has no Hessian pass
     ('sophiag', 'interval', 2.5, "hess_interval=2.5 (argument --interval=2.5): expected an integer"),
 ])
 def test_official_keys_that_cannot_apply_are_one_line(optimizer, key, value, message):
-    with pytest.raises(trainer.ConfigError) as e:
-        parse_args(defaults_of(optimizer), [f'--{key}={value}'], trainer.foreign_keys(optimizer))
+    with pytest.raises(ConfigError) as e:
+        parse_args(defaults_of(optimizer), [f'--{key}={value}'], RECIPES[optimizer].foreign_keys())
     assert message in str(e.value) and '\n' not in str(e.value)
 
 def test_nanogpt_keys_are_understood(tmp_path):
     path = tmp_path / 'nanogpt_config.py'
     path.write_text("always_save_checkpoint = False\nbackend = 'gloo'\ngradient_accumulation_steps = 1\n"
                     "batch_size = 64\n")
-    config, sources = parse_args(adam_defaults(), [str(path)], trainer.foreign_keys('adamw'))
+    config, sources = parse_args(adam_defaults(), [str(path)], AdamWRecipe.foreign_keys())
     check_config(config, sources, world_size=1)
     assert config['always_save_checkpoint'] is False and config['backend'] == 'gloo'
     assert batch_plan(config, sources, 1).sequences == 64  # total_bs not set: the product
@@ -208,14 +213,16 @@ def foreign_checkpoint(path, kind, vocab_size, iter_num=7, n_layer=2):
 def test_a_foreign_optimizer_state_lands_on_the_same_parameters(tmp_path, kind):
     # 11 layers: sorted names put layer 10 before layer 2, unlike the model's order
     saved_model, saved_optimizer = foreign_checkpoint(str(tmp_path / 'ckpt.pt'), kind, vocab_size=65, n_layer=11)
-    state = trainer.read_checkpoint_file(str(tmp_path / 'ckpt.pt'), 'cpu')
+    state = resume.read_checkpoint_file(str(tmp_path / 'ckpt.pt'), 'cpu')
     model = GPT(GPTConfig(**state['model_args']))
     model.load_state_dict(state['model'])
-    optimizer = model.configure_optimizers('sophiag' if kind == 'official' else 'adamw', 1e-3, 0.1, (0.9, 0.95),
-                                           'cpu', rho=0.05)
-    named, layout = trainer.foreign_optimizer_state(state['optimizer'], model, 'ckpt.pt')
+    recipe = SophiaGRecipe if kind == 'official' else AdamWRecipe
+    config = dict(recipe.defaults(), learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, rho=0.05)
+    optimizer = recipe(config, batch_plan(config, {}, world_size=1)).build(model, 'cpu')
+    groups = recipe.parameter_groups(model)
+    named, layout = resume.foreign_optimizer_state(state['optimizer'], model, 'ckpt.pt', groups)
     assert layout == ('official' if kind == 'official' else 'ours')
-    trainer.load_named_optimizer_state(model, optimizer, named, sharded=False)
+    resume.load_named_optimizer_state(model, optimizer, named, sharded=False, groups=groups)
     saved_params = dict(saved_model.named_parameters())
     keys = ('exp_avg', 'hessian') if kind == 'official' else ('exp_avg', 'exp_avg_sq')
     for name, param in model.named_parameters():
@@ -249,12 +256,15 @@ def test_a_checkpoint_of_the_official_scripts_or_nanogpt_continues_here(tmp_path
     model = GPT(GPTConfig(**final['model_args']))
     model.load_state_dict({k: v for k, v in saved_model.state_dict().items()})
     config, _ = parse_args(sophiag_defaults(), tiny_args(dataset, out))
-    _, paths = trainer.open_dataset(dataset, 32)
-    losses = trainer.estimate_loss(model, config, paths, make_vocab(dataset), trainer.nullcontext(), 0, 1, 'cpu')
+    _, paths = open_dataset(dataset, 32)
+    data = TokenFiles(paths, dataset, make_vocab(dataset), config['batch_size'], 32, 'cpu')
+    run = SimpleNamespace(model=model, config=config, data=data, autocast=nullcontext(), rank=0, world_size=1,
+                          device='cpu', sharded=False)
+    losses = trainer.estimate_loss(run)
     assert evals[0]['val/loss'] == pytest.approx(losses['val'], rel=1e-5)
 
 def make_vocab(dataset):
-    return trainer.open_dataset(dataset, 32)[0]
+    return open_dataset(dataset, 32)[0]
 
 def test_model_keys_set_explicitly_must_match_the_checkpoint(tmp_path, dataset):
     path = str(tmp_path / 'foreign.pt')
@@ -284,7 +294,7 @@ def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, dataset, contents, m
 # --help
 
 @pytest.mark.parametrize('script, defaults', [('train_sophiag.py', sophiag_defaults), ('train_adam.py', adam_defaults),
-                                              ('sample.py', None)])
+                                              ('train_muon.py', muon_defaults), ('sample.py', None)])
 @pytest.mark.parametrize('flag', ['--help', '-h'])
 def test_help_lists_every_key_with_its_default_and_meaning(script, defaults, flag):
     if defaults is None:
@@ -301,5 +311,7 @@ def test_help_lists_every_key_with_its_default_and_meaning(script, defaults, fla
     groups = [line for line in lines if line.endswith(':') and not line.startswith(' ')]
     assert len(groups) >= 3  # grouped as the defaults are
     if script == 'train_sophiag.py':
-        assert "Sophia's own keys (train_adam.py rejects them):" in groups
+        assert "Sophia's own keys (the other scripts refuse them):" in groups
         assert 'interval' in lines[-1] and 'optimizer_name' in lines[-1]
+    if script == 'train_muon.py':
+        assert "Muon's own keys (the other scripts refuse them):" in groups

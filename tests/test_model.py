@@ -9,6 +9,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig, device_peak_flops, peak_flops_for_name  # noqa: E402
 from sophia import sample_labels  # noqa: E402
+from configurator import batch_plan  # noqa: E402
+from optimizers import AdamWRecipe, MuonRecipe, SophiaGRecipe  # noqa: E402
 
 TINY = dict(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -204,10 +206,16 @@ def test_generate():
         model.generate(idx, 1, temperature=0.0)
 
 
-def test_configure_optimizers_grouping(capsys):
+def build_optimizer(recipe, model, device_type='cpu', **config):
+    """The optimizer a recipe builds for `model`, with its defaults changed by `config`."""
+    config = dict(recipe.defaults(), **config)
+    return recipe(config, batch_plan(config, {}, world_size=1)).build(model, device_type)
+
+
+def test_adamw_parameter_groups(capsys):
     model = tiny_gpt()
     model.transformer.h[1].mlp.c_fc.weight.requires_grad_(False)  # frozen tensors are left out
-    opt = model.configure_optimizers('adamw', 1e-3, 0.1, (0.9, 0.95), 'cpu')
+    opt = build_optimizer(AdamWRecipe, model, learning_rate=1e-3, weight_decay=0.1)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults['fused']
     decay, nodecay = opt.param_groups
     assert decay['weight_decay'] == 0.1 and nodecay['weight_decay'] == 0.0
@@ -227,22 +235,31 @@ def test_configure_optimizers_grouping(capsys):
     opt.step()
     assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, frozen)
     # devices without a fused kernel get foreach
-    opt = model.configure_optimizers('adamw', 1e-3, 0.1, (0.9, 0.95), 'mps')
+    opt = build_optimizer(AdamWRecipe, model, 'mps')
     assert opt.defaults['foreach'] and not opt.defaults['fused']
 
 
-def test_configure_optimizers_bad_arguments():
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny_gpt()
-    with pytest.raises(ValueError, match="unknown optimizer_name 'adam'"):
-        model.configure_optimizers('adam', 1e-3, 0.1, (0.9, 0.95), 'cpu')
-    with pytest.raises(ValueError, match="needs rho"):
-        model.configure_optimizers('sophiag', 1e-3, 0.1, (0.965, 0.99), 'cpu')
+    opt = build_optimizer(MuonRecipe, model, learning_rate=1e-3, weight_decay=0.1, muon_learning_rate=0.02)
+    decay, nodecay, muon = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in muon['params']) == sorted(
+        f'transformer.h.{i}.{layer}.weight' for i in range(2)
+        for layer in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'))
+    assert sorted(names[id(p)] for p in decay['params']) == ['transformer.wpe.weight', 'transformer.wte.weight']
+    assert all(p.dim() == 1 for p in nodecay['params']) and nodecay['weight_decay'] == 0.0
+    grouped = [id(p) for g in opt.param_groups for p in g['params']]
+    assert len(grouped) == len(set(grouped)) == len(list(model.parameters()))
+    assert opt.muon.param_groups == [muon] and opt.adamw.param_groups == [decay, nodecay]
+    assert muon['lr_scale'] == pytest.approx(20) and 'lr_scale' not in decay
+    assert isinstance(opt.muon, torch.optim.Muon) and opt.adamw.defaults['fused']
 
 
-def test_configure_optimizers_sophiag():
+def test_sophiag_parameter_groups():
     from sophia import SophiaG
     model = tiny_gpt()
-    opt = model.configure_optimizers('sophiag', 6e-4, 0.2, (0.965, 0.99), 'cpu', rho=0.05)
+    opt = build_optimizer(SophiaGRecipe, model, learning_rate=6e-4, weight_decay=0.2, rho=0.05)
     assert isinstance(opt, SophiaG)
     assert [g['weight_decay'] for g in opt.param_groups] == [0.2, 0.0]
     assert all(g['rho'] == 0.05 and g['lr'] == 6e-4 for g in opt.param_groups)

@@ -1,5 +1,5 @@
 """The optimizer installs on its own (pyproject.toml): the wheel, built offline from the files a
-clone holds, carries sophia.py and nothing else of the repository, and a fresh virtual
+clone holds, carries sophia.py and sophia_integrations.py and nothing else of the repository, and a fresh virtual
 environment with only that wheel (and the torch already installed here) trains with it."""
 
 import json
@@ -83,9 +83,11 @@ def test_wheel_holds_the_optimizer_only(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         payload = [n for n in names if '.dist-info/' not in n]
-        assert payload == ['sophia.py'], payload  # no scripts, tests, configs or data
-        with open(os.path.join(ROOT, 'sophia.py'), 'rb') as f:
-            assert archive.read('sophia.py') == f.read()
+        # the optimizer and its Trainer/Lightning integration: no scripts, tests, configs or data
+        assert payload == ['sophia.py', 'sophia_integrations.py'], payload
+        for name in payload:
+            with open(os.path.join(ROOT, name), 'rb') as f:
+                assert archive.read(name) == f.read()
         metadata = archive.read(next(n for n in names if n.endswith('.dist-info/METADATA'))).decode()
     requirements = [line.split(':', 1)[1].strip() for line in metadata.splitlines() if line.startswith('Requires-Dist:')]
     assert requirements == ['torch']  # unpinned: an installed torch stays

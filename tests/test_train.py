@@ -15,6 +15,7 @@ from helpers import ROOT, check_ok, make_char_dataset, read_metrics, run_main, r
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import trainer  # noqa: E402
+from batches import EVAL_STREAMS, model_vocab_size, window_starts  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 @pytest.fixture(scope='module')
@@ -33,7 +34,7 @@ def eval_loss_by_hand(state, dataset, split):
     block, batch = config['block_size'], config['batch_size']
     losses = []
     for k in range(config['eval_iters']):  # seed 0: the same windows for every run
-        starts = trainer.window_starts(0, trainer.EVAL_STREAMS[split], k * batch, batch, len(data) - block)
+        starts = window_starts(0, EVAL_STREAMS[split], k * batch, batch, len(data) - block)
         windows = torch.from_numpy(np.stack([data[s:s + block + 1] for s in starts]).astype(np.int64))
         with torch.no_grad():
             logits, _ = model(windows[:, :-1], all_logits=True)
@@ -171,8 +172,8 @@ def test_wandb_offline_writes_a_run_that_compare_reads(tmp_path, dataset):
 
 def test_model_vocabulary_pads_gpt2_bpe_only():
     # GPT-2 BPE (or no meta.pkl) -> 50304 as the official runs; character vocabularies stay exact
-    assert trainer.model_vocab_size(None) == trainer.model_vocab_size(50257) == 50304
-    assert [trainer.model_vocab_size(v) for v in (65, 100, 1023, 1024, 1025, 50304)] == [65, 100, 1023, 1024, 1088, 50304]
+    assert model_vocab_size(None) == model_vocab_size(50257) == 50304
+    assert [model_vocab_size(v) for v in (65, 100, 1023, 1024, 1025, 50304)] == [65, 100, 1023, 1024, 1088, 50304]
 
 # -----------------------------------------------------------------------------
 # pretrained weights, fp16 resume, per-process RNG, best.pt
@@ -206,7 +207,7 @@ def test_init_from_a_local_hugging_face_folder(tmp_path):
         tokens = np.memmap(data / f'{split}.bin', dtype=np.uint16, mode='r')
         losses = []
         for k in range(2):  # eval_iters batches of 4
-            starts = trainer.window_starts(0, trainer.EVAL_STREAMS[split], 4 * k, 4, len(tokens) - 32)
+            starts = window_starts(0, EVAL_STREAMS[split], 4 * k, 4, len(tokens) - 32)
             windows = torch.from_numpy(np.stack([tokens[s:s + 33] for s in starts]).astype(np.int64))
             with torch.no_grad():
                 logits = hf(windows[:, :-1]).logits

@@ -1,0 +1,140 @@
+"""
+The token files and the batches drawn from them.
+
+A dataset is a folder under data/ (or any path) holding train.bin and val.bin, uint16 token ids
+one after another, and meta.pkl with the vocabulary (data/*/prepare.py write them). A batch is
+batch_size windows of block_size + 1 tokens: the inputs, and the targets one token later.
+
+The data order is a function of the seed and a global sequence counter alone: sequence j of a
+random stream is the window at an offset hashed from (seed, stream, j) (window_starts). An
+iteration takes the next total_bs sequences of the training stream and each process its
+contiguous share of them, so every process sees different data, a resumed run sees exactly the
+sequences it would have seen, and a run sees the same global batches whatever the number of
+processes and however total_bs is split into micro-batches. Evaluations draw from streams of
+their own with seed 0, so every run is measured on the same text.
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from configurator import UserError
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+# independent random streams: training data, the evaluation batches of each split, and the
+# optimizer's extra passes (Sophia's Hessian pass: its batches' sampled labels)
+TRAIN_STREAM, EVAL_STREAMS, HESSIAN_STREAM = 0, {'train': 1, 'val': 3}, 2
+
+def data_dir_of(dataset):
+    return dataset if os.sep in dataset else os.path.join(REPO, 'data', dataset)
+
+# datasets whose prepare script lies in another folder of data/, with its arguments
+PREPARED_BY = {'fineweb_edu': 'data/fineweb/prepare.py', 'fineweb': 'data/fineweb/prepare.py --corpus=fineweb'}
+
+def available_datasets():
+    """The datasets under data/: the folders with a prepare script, and those PREPARED_BY another's."""
+    root = os.path.join(REPO, 'data')
+    return sorted({name for name in os.listdir(root) if os.path.isfile(os.path.join(root, name, 'prepare.py'))}
+                  | set(PREPARED_BY))
+
+def prepare_command(dataset):
+    if dataset in PREPARED_BY:
+        return f"run: python {PREPARED_BY[dataset]}"
+    script = os.path.join(data_dir_of(dataset), 'prepare.py')
+    if os.sep in dataset or not os.path.isfile(script):
+        return f"prepare the token files in {data_dir_of(dataset)}"
+    return f"run: python {os.path.relpath(script)}"
+
+def open_dataset(dataset, block_size):
+    """Check train.bin / val.bin / meta.pkl of a dataset; return its vocabulary size (None if the
+    dataset has no meta.pkl) and the paths of the token files."""
+    data_dir = data_dir_of(dataset)
+    if os.sep not in dataset and not os.path.isdir(data_dir) and dataset not in PREPARED_BY:
+        raise UserError(f"dataset {dataset!r} does not exist: data/ has {', '.join(available_datasets())} "
+                        f"(each made by its prepare.py), or give the path of a folder holding train.bin and val.bin")
+    paths = {}
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            raise UserError(f"{path} is missing or empty; {prepare_command(dataset)}")
+        tokens = os.path.getsize(path) // 2
+        if os.path.getsize(path) % 2 or tokens <= block_size:
+            raise UserError(f"{path} holds {tokens} tokens, too few for block_size={block_size} "
+                            f"(or is not a uint16 token file); {prepare_command(dataset)}")
+        paths[split] = path
+    vocab_size = None
+    meta_path = os.path.join(data_dir, 'meta.pkl')
+    if os.path.exists(meta_path):
+        import pickle
+        with open(meta_path, 'rb') as f:
+            vocab_size = pickle.load(f)['vocab_size']
+    return vocab_size, paths
+
+def model_vocab_size(dataset_vocab):
+    """The model's vocabulary for a dataset's (None: no meta.pkl, taken as GPT-2 BPE). A large
+    vocabulary is padded to a multiple of 64, GPT-2's 50257 to 50304 as in the official runs and
+    nanoGPT on OpenWebText: the lm_head matmul and the loss run much faster on a GPU with aligned
+    shapes. The padded ids never occur in the data and their logits learn to stay low. A small
+    (character) vocabulary is kept as it is: there the padding would buy nothing."""
+    if dataset_vocab is None:
+        return 50304
+    return -(-dataset_vocab // 64) * 64 if dataset_vocab >= 1024 else dataset_vocab
+
+def check_token_ids(paths, vocab_size, dataset):
+    """Token ids at or beyond the model's vocabulary mean the data was prepared for another one.
+    Checked on the first 16M tokens of each file before anything is written to out_dir (a full
+    scan of OpenWebText would take minutes); get_batch checks every batch it draws besides."""
+    for path in paths.values():
+        largest = int(np.memmap(path, dtype=np.uint16, mode='r')[:1 << 24].max())
+        if largest >= vocab_size:
+            raise token_id_error(path, largest, vocab_size, dataset)
+
+def token_id_error(path, largest, vocab_size, dataset):
+    return UserError(f"{path} holds token id {largest} >= the model's vocab_size {vocab_size}; "
+                     f"the data was prepared for another vocabulary: {prepare_command(dataset)}")
+
+GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's counter step: 2**64 / the golden ratio
+
+def window_starts(seed, stream, first, count, windows):
+    """Offsets of sequences first .. first+count-1 of a random stream, each uniform in
+    range(windows) and a function of (seed, stream, its index) alone: SplitMix64's output function
+    (Steele, Lea, Flood 2014) over a counter, keyed by the seed and stream. Vectorised, so a
+    batch costs microseconds; the modulo's bias is below windows / 2**64."""
+    key = np.random.SeedSequence((seed, stream)).generate_state(1, np.uint64)[0]
+    x = key + (np.arange(first, first + count, dtype=np.uint64) + np.uint64(1)) * GOLDEN_GAMMA
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x % np.uint64(windows)).astype(np.int64)
+
+@dataclass
+class TokenFiles:
+    """A dataset's token files as micro-batches of the model: what get_batch draws from."""
+    paths: dict  # train.bin and val.bin by split
+    dataset: str  # the config's name for the dataset, for messages
+    vocab_size: int  # the model's: a larger id means the data was prepared for another vocabulary
+    batch_size: int  # sequences per micro-batch
+    block_size: int  # tokens per sequence
+    device: str
+
+def get_batch(data, split, seed, stream, first):
+    """Sequences first .. first+batch_size-1 of a random stream of one split: windows of
+    block_size + 1 tokens of its token file, as inputs and as the targets one token later."""
+    # recreate the memmap every batch: a long-lived np.memmap holds on to the pages it touched
+    tokens = np.memmap(data.paths[split], dtype=np.uint16, mode='r')
+    ix = window_starts(seed, stream, first, data.batch_size, len(tokens) - data.block_size)
+    xy = np.stack([tokens[i:i + 1 + data.block_size] for i in ix]).astype(np.int64)  # (B, T+1)
+    if xy.max() >= data.vocab_size:  # on the host, before the copy: costs no device sync
+        raise token_id_error(data.paths[split], xy.max(), data.vocab_size, data.dataset)
+    xy = torch.from_numpy(xy)
+    if data.device.startswith('cuda'):
+        xy = xy.pin_memory().to(data.device, non_blocking=True)  # async copy, overlaps the compute
+    else:
+        xy = xy.to(data.device)
+    return xy[:, :-1], xy[:, 1:]
+
+def seed_of(*key):
+    """A 63-bit seed from a tuple of integers, for torch generators."""
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)

@@ -1,0 +1,186 @@
+"""
+Processes: the process group a torchrun launch starts, FSDP2 sharding over it, what every process
+must agree on (gradient sync, RNG states), signals, and the failure of a peer.
+
+One process:       $ python train_sophiag.py config/train_stdlib_char_sophiag.py
+DDP on one node:   $ torchrun --standalone --nproc_per_node=8 train_sophiag.py config/...
+DDP on two nodes:  $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST \
+                       --master_port=1234 train_sophiag.py ...
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import UserError
+
+def setup_distributed(config):
+    """Process group from torchrun's environment, or a single process. Returns (rank, world_size,
+    device)."""
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = config['device']
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f"device={device!r} but CUDA is not available to this torch "
+                        f"({torch.__version__}); use --device=cpu")
+    if device == 'mps' and not torch.backends.mps.is_available():
+        raise UserError("device='mps' but MPS is not available; use --device=cpu")
+    if device.startswith('cuda'):
+        index = local_rank if world_size > 1 else (int(device[5:]) if ':' in device else 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device={device!r} needs GPU {index} but only "
+                            f"{torch.cuda.device_count()} are visible")
+        device = f'cuda:{index}'
+        torch.cuda.set_device(device)
+    if config['dtype'] == 'bfloat16' and device.startswith('cuda') and not torch.cuda.is_bf16_supported():
+        raise UserError(f"dtype='bfloat16' is not supported on {torch.cuda.get_device_name(device)}; "
+                        f"use --dtype=float16")
+    if world_size > 1:
+        backend = config['backend']
+        if backend == 'auto':
+            backend = 'nccl' if device.startswith('cuda') else 'gloo'
+        dist.init_process_group(backend, timeout=timedelta(seconds=config['ddp_timeout']),
+                                device_id=torch.device(device) if backend == 'nccl' else None)
+    return rank, world_size, device
+
+def shard_model(model, config, world_size, local_world_size, device_type, ptdtype):
+    """FSDP2: every transformer block, then the rest of the model (embeddings, final norm, the tied
+    output layer), sharded in place over all processes ('fsdp'), or within shard groups and
+    replicated across them ('hsdp', a 2-D mesh). Parameters stay float32 (the optimizer's master
+    copy); forward and backward compute in `ptdtype`, gradients are reduced in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if config['data_parallel'] == 'hsdp':
+        shard = config['shard_group_size'] or local_world_size
+        mesh = init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=('replicate', 'shard'))
+    else:
+        mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=('shard',))
+    reshard = config['reshard_after_forward']
+    if reshard == 'auto':
+        # keeping every block's gathered parameters from forward to backward saves an all-gather
+        # per block, at the memory of an unsharded model: worth it while that is small
+        gathered = sum(p.numel() for p in model.parameters()) * ptdtype.itemsize
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+            if device_type == 'cuda' else 0
+        reshard = 'false' if gathered < memory / 10 else 'true'
+    policy = MixedPrecisionPolicy(param_dtype=None if ptdtype == torch.float32 else ptdtype,
+                                  reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard == 'true')
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # needed first in backward
+    return mesh
+
+def set_gradient_sync(run, sync):
+    """Whether the next backward reduces the gradients over the processes: on an iteration's last
+    micro-batch only (DDP all-reduces them, FSDP reduce-scatters them to their shards)."""
+    if isinstance(run.model, DDP):
+        run.model.require_backward_grad_sync = sync
+    elif run.sharded:
+        run.raw_model.set_requires_gradient_sync(sync)
+
+def whole(tensor):
+    """A DTensor made whole on every process (a norm over sharded tensors comes as one), or the
+    tensor itself."""
+    from torch.distributed.tensor import DTensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+def gather_rng_states(world_size, device):
+    """Every process's torch RNG states (dropout draws from them), gathered to all processes."""
+    state = {'cpu': torch.get_rng_state()}
+    if device.startswith('cuda'):
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+class SignalFlag:
+    """SIGTERM / SIGINT ask the loop to finish the current iteration, save and exit; a second
+    signal exits at once, even while the main thread is inside a long kernel. A SIGINT and a
+    SIGTERM within a second count as one: Ctrl-C under torchrun reaches a worker from the terminal
+    and again from torchrun.
+
+    Python runs signal handlers in the main thread between bytecodes, so during a long kernel (an
+    attention backward, a collective waiting for a peer) a handler would wait for it to return.
+    The handlers installed here do nothing; the interpreter's C-level handler also writes each
+    signal's number to a pipe (signal.set_wakeup_fd), and a watcher thread acts on it at once:
+    torch releases the GIL inside its kernels, so the thread runs while one is busy."""
+
+    def __init__(self):
+        self.signum, self.when = 0, 0.0
+        self.restore = None
+
+    def install(self):
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)  # the C-level handler must never block on a full pipe
+        previous = {signum: signal.signal(signum, self.ignore) for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self.watch, args=(read_fd,), name='signal-watcher', daemon=True).start()
+        def restore():
+            signal.set_wakeup_fd(previous_fd)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            os.close(write_fd)  # the watcher reads the end of the pipe and returns
+        self.restore = restore
+
+    def uninstall(self):
+        if self.restore is not None:
+            self.restore()
+            self.restore = None
+
+    @staticmethod
+    def ignore(signum, frame):
+        """The Python-level handler: the watcher thread has acted already."""
+
+    def watch(self, read_fd):
+        with open(read_fd, 'rb', buffering=0) as pipe:
+            while data := pipe.read(64):
+                for signum in data:
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        self.handle(signum, None)
+
+    def handle(self, signum, frame):
+        if self.signum and (signum == self.signum or time.time() - self.when > 1.0):
+            print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        if not self.signum:
+            self.signum, self.when = signum, time.time()
+            print(f"received {signal.Signals(signum).name}: finishing this iteration and saving a "
+                  f"checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)
+
+# how gloo (torch 2.13) words a peer that hung past ddp_timeout or died: a plain RuntimeError
+GLOO_FAILURES = ('Timed out waiting', 'pair closure', 'Connection closed by peer', 'Connection reset by peer')
+
+def is_communication_failure(e):
+    """A collective failed because another process died or hung. NCCL and the rendezvous store
+    raise torch.distributed.DistError (after ddp_timeout); gloo raises RuntimeError."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
+        text in str(e) for text in GLOO_FAILURES))
+
+def end_process_group(status, stopped):
+    """Leave the process group as a run ends with `status` (`stopped`: a stop every process agreed
+    on). A run that finished or stopped together tears down together; after a failure the group
+    may hold a dead or hung peer and cannot be torn down: the process leaves at once."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if status == 0 or stopped:
+        # a process leaving while process 0 still writes the final checkpoint can abort inside
+        # gloo ("terminate called without an active exception")
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        # gloo's threads would abort the interpreter's exit (SIGABRT instead of this status)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)

@@ -1,0 +1,116 @@
+"""
+What a run reports: the printed lines and out_dir/metrics.jsonl, one JSON object per line
+(compare.py reads it), mirrored to wandb when enabled.
+
+Rows: 'config' once per start (the resolved config, the model's arguments), 'eval' at every
+evaluation (train/loss, val/loss), 'train' every log_interval iterations (loss, lr, ms/iter,
+tokens/s, MFU, norms, peak memory, and what the optimizer adds: optimizers.py, report).
+"""
+
+import json
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+
+from distributed import whole
+
+class MetricsLog:
+    """The run's local log, out_dir/metrics.jsonl, one JSON object per line (read by compare.py),
+    mirrored to wandb when enabled."""
+    def __init__(self, path, wandb_run):
+        self.path, self.wandb_run = path, wandb_run
+    def write(self, row):
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        if self.wandb_run is not None and row['kind'] != 'config':
+            self.wandb_run.log({k: v for k, v in row.items() if k != 'kind' and v is not None})
+
+class IntervalLog:
+    """The training rows of metrics.jsonl and the printed lines, every log_interval iterations.
+    Losses and counts add up on the device in between and are read with one transfer per row.
+    Time is training time alone: evaluations and checkpoints are timed on their own lines."""
+
+    def __init__(self, run, state):
+        self.loss_sum = torch.zeros((), device=run.device)
+        self.clip_count = torch.zeros((), device=run.device)
+        self.steps, self.skipped, self.iters = 0, 0, 0
+        self.train_time = state.train_time  # at the last row
+
+    def stepped(self, run, loss, grad_norm):
+        self.loss_sum += loss
+        if run.config['grad_clip'] > 0:
+            self.clip_count += (grad_norm > run.config['grad_clip']).float()
+        self.steps += 1
+
+    def skipped_step(self):
+        self.skipped += 1
+
+    def write(self, run, state, lr, log, peak_flops):
+        """Called after every iteration; writes a row every log_interval of them."""
+        self.iters += 1
+        config = run.config
+        if state.iter_num % config['log_interval']:
+            return
+        values = {'loss_sum': self.loss_sum, 'clip_count': self.clip_count,
+                  **run.recipe.diagnostics(run)}
+        values['param_norm'] = whole(torch.nn.utils.get_total_norm(run.params))
+        peak = torch.tensor(float(peak_memory(run.device)), device=run.device)
+        if run.world_size > 1:
+            dist.all_reduce(values['loss_sum'])  # the loss over all processes' micro-batches
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the process that needed the most
+        values['peak_memory'] = peak
+        read = dict(zip(values, torch.stack([v.float() for v in values.values()]).tolist()))
+        self.loss_sum.zero_(), self.clip_count.zero_()
+        dt = (state.train_time - self.train_time) / self.iters
+        if log is not None:
+            passes = run.tokens_per_iter + run.recipe.extra_tokens_per_iter(run)
+            mfu = run.raw_model.estimate_mfu(passes / config['block_size'], dt, peak_flops)
+            loss = read['loss_sum'] / run.world_size / self.steps if self.steps else math.nan
+            row = {'kind': 'train', 'iter': state.iter_num, 'tokens': state.iter_num * run.tokens_per_iter,
+                   'time': state.train_time, 'loss': loss, 'lr': lr, 'ms_per_iter': dt * 1000,
+                   'tokens_per_s': run.tokens_per_iter / dt, 'mfu': mfu, 'param_norm': read['param_norm'],
+                   'skipped': self.skipped, 'peak_memory_mb': read['peak_memory'] / 2 ** 20}
+            if config['grad_clip'] > 0 and self.steps:
+                row['train/clip_rate'] = read['clip_count'] / self.steps
+            line = (f"iter {state.iter_num}/{config['max_iters']}: loss {loss:.4f}, lr {lr:.2e}, "
+                    f"{dt * 1000:.1f} ms/iter, {run.tokens_per_iter / dt:,.0f} tok/s")
+            if mfu is not None:
+                line += f", mfu {mfu * 100:.1f}%"
+            line += run.recipe.report(run, state.iter_num, read, row)
+            log.write(row)
+            remaining, every = config['max_iters'] - state.iter_num, config['eval_interval']
+            evals = config['max_iters'] // every - state.iter_num // every  # and one at the end:
+            evals += 1 if remaining and config['max_iters'] % every else 0
+            print(line + f", eta {duration(remaining * dt + evals * state.eval_seconds)}", flush=True)
+        self.steps, self.skipped, self.iters, self.train_time = 0, 0, 0, state.train_time
+
+def describe_batch(run):
+    """The batch arithmetic, as printed at the start."""
+    config, plan = run.config, run.plan
+    per_process = plan.micro_steps * config['batch_size'] * config['block_size']
+    line = (f"tokens per iteration: {plan.micro_steps} accumulation x {config['batch_size']} batch x "
+            f"{config['block_size']} block = {per_process:,}")
+    if run.world_size > 1:
+        line += f" per process, {run.tokens_per_iter:,} over {run.world_size} processes"
+    if config['gradient_accumulation_steps'] == 0:
+        line += (f" (accumulation derived: total_bs {config['total_bs']} / ({config['batch_size']} batch x "
+                 f"{run.world_size} process{'es' if run.world_size > 1 else ''}))")
+    return line + run.recipe.describe(run)
+
+def peak_memory(device):
+    """Bytes this process has needed at most: on a GPU the most its tensors took at once, on the CPU
+    its peak resident memory (everything: interpreter, libraries, tensors)."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
+
+def duration(seconds):
+    """'1h02m', '3m05s' or '12s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -1,0 +1,250 @@
+"""
+Where a run starts: a fresh out_dir, or the checkpoint it continues. Resuming one of this
+repository's checkpoints (checkpoint.py) is exact: model, optimizer, GradScaler, every process's
+RNG states and the data position carry over, so the run goes on as if never stopped, on any
+number of processes, sharded or not. Checkpoints of the official Sophia scripts and of nanoGPT
+are translated: their model, optimizer state (mapped from their parameter-group layout),
+iteration and best val loss carry over.
+"""
+
+import math
+import os
+
+import torch
+
+import checkpoint
+from batches import model_vocab_size
+from configurator import UserError
+from model import GPT, GPTConfig, MODEL_KEYS
+from optimizers import RECIPES
+
+SHAPE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias',
+              'scale_attn_by_inverse_layer_idx', 'gelu')  # the config keys that say what a model is
+
+def prepare_out_dir(out_dir, resuming, master):
+    """out_dir must be writable, and must not hold another run unless we resume it."""
+    if master:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            probe = os.path.join(out_dir, f'.write-test-{os.getpid()}')
+            with open(probe, 'w') as f:
+                f.write('ok')
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"out_dir={out_dir!r} is not writable ({e.strerror}); choose another --out_dir")
+    if not resuming:
+        held = [name for name in ('metrics.jsonl', 'best.pt') if os.path.exists(os.path.join(out_dir, name))]
+        held += [f'ckpt-{i:08d}.pt' for i in checkpoint.list_checkpoints(out_dir)[:1]]
+        if held:
+            raise UserError(f"out_dir={out_dir!r} already holds a run ({held[0]}); continue it with "
+                            f"--init_from=resume, or choose another --out_dir")
+
+def load_start(config, recipe, master, device):
+    """The checkpoint a run continues: with init_from='resume' the newest good one in out_dir, with
+    init_from a .pt file or a sharded run's .dcp folder that one (read_checkpoint_file). Returns
+    (state, path), (None, None) for a new model. The state is in this repository's checkpoint
+    format (see save); a sharded one's tensors are loaded later, into the built model (setup)."""
+    init_from = config['init_from']
+    if init_from == 'resume':
+        try:
+            state, path = checkpoint.load_latest(config['out_dir'], map_location=device,
+                                                 warn=print if master else (lambda m: None), quarantine=master,
+                                                 model_tensors=False)
+        except checkpoint.CheckpointError as e:
+            raise UserError(str(e))
+        if state is None:
+            raise UserError(f"--init_from=resume but {config['out_dir']} holds no checkpoint; "
+                            f"start with --init_from=scratch")
+    elif init_from.endswith(('.pt', '.dcp')):
+        state, path = read_checkpoint_file(init_from.rstrip(os.sep), device), init_from.rstrip(os.sep)
+    else:
+        return None, None
+    if state['optimizer_name'] != recipe.name:
+        other = RECIPES.get(state['optimizer_name'])
+        raise UserError(f"the checkpoint {path} was trained with {state['optimizer_name']}, not "
+                        f"{recipe.name}; continue it with {other.script if other else 'the script that wrote it'} "
+                        f"or use another --out_dir")
+    return state, path
+
+def read_checkpoint_file(path, device):
+    """A checkpoint file to continue: one of ours (verified against its manifest where it has one),
+    or one written by the official Sophia scripts or nanoGPT, translated: the model state without
+    torch.compile's '_orig_mod.' prefixes and causal-mask buffers, model_args completed with the
+    keys those scripts lack, the optimizer state (its layout is mapped in setup, see
+    foreign_optimizer_state), the iteration and the best val loss. `foreign` names the writer."""
+    if os.path.exists(checkpoint.manifest_of(path)) or os.path.isdir(path):
+        try:
+            return checkpoint.load_checkpoint(path, map_location=device, model_tensors=False)
+        except checkpoint.CheckpointError as e:
+            raise UserError(str(e))
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"--init_from takes a .pt file written by this repository, the official Sophia "
+                        f"scripts or nanoGPT")
+    if not isinstance(state, dict) or not {'model', 'model_args', 'optimizer', 'iter_num'} <= state.keys():
+        raise UserError(f"{path} is not a training checkpoint (it needs model, model_args, optimizer and "
+                        f"iter_num); --init_from takes one written by this repository, the official Sophia "
+                        f"scripts or nanoGPT")
+    if 'format_version' in state:  # ours, copied without its manifest
+        return state
+    saved_args, saved_config = state['model_args'], state.get('config', {})
+    # only the official scripts write optimizer_name and scale_attn_by_inverse_layer_idx
+    official = 'optimizer_name' in saved_config or 'scale_attn_by_inverse_layer_idx' in saved_args
+    missing = [key for key in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
+               if key not in saved_args]
+    if missing:
+        raise UserError(f"{path}: its model_args lack {', '.join(missing)}; it was not written by the "
+                        f"official Sophia scripts or nanoGPT")
+    model_args = {key: saved_args[key] for key in MODEL_KEYS if key in saved_args}
+    model_args.setdefault('dropout', 0.0)
+    model_args.setdefault('scale_attn_by_inverse_layer_idx', False)  # nanoGPT's model has no such scaling
+    # the official model computes GPT-2's tanh GELU, nanoGPT's model the exact erf form
+    model_args['gelu'] = 'tanh' if official else 'exact'
+    model = {}
+    for key, value in state['model'].items():
+        key = key.removeprefix('_orig_mod.')  # torch.compile's wrapper, saved by some versions
+        if not key.endswith('.attn.bias'):  # the causal mask both keep as a buffer without flash attention
+            model[key] = value
+    return dict(model=model, model_args=model_args, optimizer=state['optimizer'],
+                optimizer_name=saved_config.get('optimizer_name', 'adamw'), iter_num=state['iter_num'],
+                best_val_loss=float(state.get('best_val_loss', math.inf)), config=saved_config,
+                foreign='the official Sophia scripts' if official else 'nanoGPT')
+
+def adopt_model_args(config, sources, model_args, path):
+    """A continued model is the checkpoint's: model keys left at their defaults take its values,
+    and those set explicitly (config file or argument) must agree with it."""
+    saved = {'gelu': 'tanh', **model_args}  # checkpoints from before the gelu key: the tanh GELU
+    changed = [f"{key}={config[key]!r} (checkpoint: {saved[key]!r})" for key in SHAPE_KEYS
+               if sources.get(key, 'default') != 'default' and config[key] != saved[key]]
+    if changed:
+        raise UserError(f"the checkpoint {path} is of another model: {', '.join(changed)}; drop those "
+                        f"overrides (the model is the checkpoint's) or use another --out_dir")
+    for key in SHAPE_KEYS:
+        if config[key] != saved[key]:
+            config[key], sources[key] = saved[key], f"the checkpoint {path}"
+
+def build_model(config, dataset_vocab, start_state):
+    """A GPT from scratch, from a checkpoint's model args and weights, or from pretrained GPT-2
+    weights, for a dataset of vocabulary dataset_vocab (None: no meta.pkl). Returns (model,
+    model_args)."""
+    model_args = {key: config[key] for key in MODEL_KEYS if key != 'vocab_size'}
+    model_args['vocab_size'] = model_vocab_size(dataset_vocab)
+    if start_state is not None:
+        model_args = dict(start_state['model_args'], dropout=config['dropout'])
+        model = GPT(GPTConfig(**model_args))
+        if 'sharded' not in start_state:  # a sharded checkpoint loads once the model is (setup)
+            model.load_state_dict(start_state['model'])
+    elif config['init_from'] == 'scratch':
+        model = GPT(GPTConfig(**model_args))
+    else:
+        model = GPT.from_pretrained(config['init_from'], dict(dropout=config['dropout']))
+        model_args = {key: getattr(model.config, key) for key in MODEL_KEYS}
+        if (dataset_vocab or 0) > model_args['vocab_size']:
+            raise UserError(f"dataset {config['dataset']} has vocab_size {dataset_vocab}, larger than "
+                            f"{config['init_from']}'s {model_args['vocab_size']}; use a GPT-2 BPE dataset")
+    if config['block_size'] < model_args['block_size']:
+        model.crop_block_size(config['block_size'])  # e.g. GPT-2's 1024 cropped for a smaller run
+        model_args['block_size'] = config['block_size']
+    return model, model_args
+
+def foreign_optimizer_state(saved, model, path, groups):
+    """An optimizer state dict of the official Sophia scripts or nanoGPT, keyed by parameter name
+    (named_optimizer_state's form), and which layout it had ('ours' or 'official'). Its
+    per-parameter state follows the order of its param groups: either ours, `groups` (the
+    recipe's parameter_groups; nanoGPT's since 2023: named_parameters order, matrices and
+    embeddings in the first group), or the official scripts' (names sorted, Linear weights in the
+    first group; biases, LayerNorm and embedding weights in the second), told apart by the
+    groups' sizes and shapes. Its param groups' hyperparameters
+    are not kept: this run's config sets them."""
+    params = dict(model.named_parameters())  # the tied lm_head weight appears once, as wte's
+    names = list(params)
+    linear = sorted(n for n in names if n.endswith(('.c_attn.weight', '.c_proj.weight', '.c_fc.weight')))
+    official = [linear, sorted(n for n in names if n not in linear)]
+    saved_groups = [group['params'] for group in saved['param_groups']]
+    def fits(layout):
+        if [len(g) for g in layout] != [len(g) for g in saved_groups]:
+            return False
+        return all(saved['state'][i]['exp_avg'].shape == params[n].shape
+                   for group, ids in zip(layout, saved_groups) for n, i in zip(group, ids) if i in saved['state'])
+    name, layout = next(((name, layout) for name, layout in (('ours', groups), ('official', official))
+                         if fits(layout)), (None, None))
+    if layout is None:
+        raise UserError(f"the optimizer state in {path} does not match this model's parameters in "
+                        f"nanoGPT's or the official scripts' layout; it cannot be continued here")
+    by_name = {n: saved['state'][i] for group, ids in zip(layout, saved_groups)
+               for n, i in zip(group, ids) if i in saved['state']}
+    return {'state': by_name, 'param_groups': None}, name
+
+def named_optimizer_state(saved, groups):
+    """This repository's optimizer state dict (keyed by position, as optimizer.state_dict()) keyed
+    by parameter name instead, the form torch.distributed.checkpoint's state dict functions take;
+    `groups` are the parameter names of its groups (the recipe's parameter_groups)."""
+    names = [n for group in groups for n in group]
+    return {'state': {names[i]: value for i, value in saved['state'].items()},
+            'param_groups': [dict(group, params=list(names_)) for group, names_ in zip(saved['param_groups'], groups)]}
+
+def load_named_optimizer_state(model, optimizer, named, sharded, groups):
+    """Load a state dict keyed by parameter name (param_groups None: keep the optimizer's own
+    hyperparameters), into a sharded optimizer (each process takes its shards) or a plain one,
+    whose groups hold the parameters named in `groups`."""
+    if named['param_groups'] is None:
+        named = dict(named, param_groups=[dict(group, params=list(names)) for group, names
+                                          in zip(optimizer.state_dict()['param_groups'], groups)])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+    else:
+        index = {n: i for i, n in enumerate(n for group in groups for n in group)}
+        optimizer.load_state_dict({'state': {index[n]: value for n, value in named['state'].items()},
+                                   'param_groups': [dict(group, params=[index[n] for n in group['params']])
+                                                    for group in named['param_groups']]})
+
+def load_sharded_checkpoint(model, optimizer, path):
+    """The model and optimizer state of a sharded checkpoint (checkpoint.save_sharded) into this
+    run's model and optimizer, sharded or not, on any number of processes: every process reads
+    what its own parameters need."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.load({'model': model_state, 'optimizer': optimizer_state}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+def restore(start, path, model, optimizer, scaler, groups, rank, world_size, device, sharded):
+    """Load a start checkpoint's optimizer state, GradScaler and this process's RNG states into
+    the run's (the model's weights are in already, or with a sharded checkpoint loaded here).
+    Returns whether the start is exact: a checkpoint of ours, which carries the data position and
+    RNG states, so the run continues as if never stopped."""
+    master = rank == 0
+    if 'foreign' in start:
+        optimizer_state, layout = foreign_optimizer_state(start['optimizer'], model, path, groups)
+        load_named_optimizer_state(model, optimizer, optimizer_state, sharded, groups)
+        if master:
+            print(f"warning: {path} was written by {start['foreign']}: its model, optimizer state, "
+                  f"iteration and best val loss carry over, but it holds no data position or RNG states, "
+                  f"so the data order and dropout are not those its own run would have continued with"
+                  + ("; weight decay now also applies to the token and position embeddings, which the "
+                     "official scripts exempted" if layout == 'official' else ''))
+        return False
+    if 'sharded' in start:
+        load_sharded_checkpoint(model, optimizer, start['sharded'])
+    elif sharded:
+        load_named_optimizer_state(model, optimizer, named_optimizer_state(start['optimizer'], groups), True, groups)
+    else:
+        optimizer.load_state_dict(start['optimizer'])
+    scaler.load_state_dict(start['scaler'])
+    rng = start['rng'][rank] if len(start['rng']) == world_size else None
+    if rng is not None:
+        torch.set_rng_state(rng['cpu'].cpu())
+        if 'cuda' in rng:
+            torch.cuda.set_rng_state(rng['cuda'].cpu(), device)
+    elif master:
+        print(f"warning: the checkpoint was written by {len(start['rng'])} processes, this run has "
+              f"{world_size}: the data position carries over, but dropout randomness, the order of float "
+              f"sums over processes and, where the micro-batches split differently, the Hessian pass's "
+              f"sampled labels differ from an uninterrupted run")
+    if master and 'sequences_drawn' not in start:
+        print("warning: the checkpoint was written before data was drawn per sequence: the run "
+              "continues at the same position of the data stream, with other windows of the text")
+    return True
