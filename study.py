@@ -1,5 +1,6 @@
 """
-Does Sophia-G reach AdamW's loss with less compute? One procedure, run at one of three sizes:
+Does Sophia-G reach AdamW's loss with less compute, and where does it stand against Muon? One
+procedure for the three optimizers, run at one of three sizes:
 
   cpu   (default) a 0.8M-parameter character model on data/stdlib_char, 2,048 tokens per step,
         800 steps: under an hour on a 2-core CPU; results in the README's study section;
@@ -9,13 +10,15 @@ Does Sophia-G reach AdamW's loss with less compute? One procedure, run at one of
   tiny  the gpu suite's procedure at toy size on a CPU, seconds a run: what the tests run.
 
 The procedure, each phase chosen from the results of the phases before it:
-1. learning-rate sweeps of AdamW and of Sophia-G at the recommended rho = 0.05;
+1. learning-rate sweeps of AdamW, of Sophia-G at the recommended rho = 0.05, and of Muon
+   (train_muon.py: its learning rate on AdamW's scale, muon_adjust_lr_fn='match_rms_adamw');
 2. a rho sweep for Sophia-G at its best learning rate;
-3. the best AdamW and the best Sophia-G over more seeds (a seed changes init and data order;
-   every run is evaluated on the same val batches);
+3. the best AdamW, the best Sophia-G and the best Muon over more seeds (a seed changes init and
+   data order; every run is evaluated on the same val batches);
 4. (gpu, tiny) the best Sophia-G with a Hessian batch a quarter of the training step
    (hess_micro_steps), over all the seeds: does the cheaper Hessian pass cost quality?
-Per seed: how far Sophia-G has to train to reach the final val loss of AdamW (same seed).
+Per seed: how far Sophia-G and Muon have to train to reach the final val loss of AdamW (same
+seed), and which of the three ends lowest.
 
     $ python study.py                              # the CPU study: what is missing, then the report
     $ python study.py --suite=gpu                  # on a CUDA machine: what is missing, then the report
@@ -24,8 +27,8 @@ Per seed: how far Sophia-G has to train to reach the final val loss of AdamW (sa
     $ python study.py --suite=gpu --report_only    # plots, tables, README from the committed logs
 
 cpu: the runs go to out-study/<name>/ (the normal training scripts through the normal
-configurator, two side by side, one thread each); a finished run is reused, an interrupted one
-resumed. The report reads those folders.
+configurator, --jobs side by side (two by default), the cores shared among them); a finished
+run is reused, an interrupted one resumed. The report reads those folders.
 
 gpu and tiny: one run at a time, in out-study-<suite>/<name>/. As soon as a run ends, its metrics
 log is copied to study/<suite>/<name>.jsonl, beside study/<suite>/<name>.json: the device, torch
@@ -58,15 +61,16 @@ from dataclasses import dataclass, replace
 from matplotlib.figure import Figure
 
 import compare
+from optimizers import RECIPES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass(frozen=True)
 class Spec:
     """One training run of a study."""
-    optimizer: str  # 'adamw' or 'sophiag'
+    optimizer: str  # 'adamw', 'sophiag' or 'muon' (a key of optimizers.RECIPES)
     lr: float  # peak learning rate; the schedule decays to lr / 10
-    rho: float = None  # Sophia-G's clipping scale; None for AdamW
+    rho: float = None  # Sophia-G's clipping scale; None for AdamW and Muon
     seed: int = 0
     hess_micro_steps: int = 0  # Sophia-G's Hessian batch in micro-batches; 0 = a full step's (official)
 
@@ -77,6 +81,7 @@ class Suite:
     config: dict  # training config keys shared by every run
     adam_lrs: tuple
     sophia_lrs: tuple  # at rho below
+    muon_lrs: tuple  # on AdamW's scale: muon_adjust_lr_fn='match_rms_adamw' gives AdamW's RMS
     rho: float
     rho_sweep: tuple  # besides rho, at Sophia-G's best learning rate
     seeds: tuple  # the sweeps use the first; the best of each optimizer repeats over all
@@ -93,6 +98,7 @@ CPU = Suite(
                 checkpoint_interval=200),
     adam_lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
     sophia_lrs=(1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
+    muon_lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),  # AdamW's grid
     rho=0.05,  # the recommended value (official GPT-2 small)
     rho_sweep=(0.02, 0.2, 1.0),
     seeds=(1337, 1338, 1339), ablation=False, committed=False)
@@ -123,6 +129,7 @@ GPU = Suite(
     # a mostly clipped Sophia-G steps by lr * sign(m), as Lion, whose best lr is several times
     # below AdamW's: the grid reaches lower
     sophia_lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
+    muon_lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3),  # AdamW's grid
     rho=0.05,
     # at a quarter of the paper's batch the momentum is noisier, more coordinates clip, and a
     # larger rho may suit better: two values above 0.05, one below
@@ -136,7 +143,8 @@ TINY = Suite(
                 gradient_accumulation_steps=4, dropout=0.0, max_iters=20, lr_decay_iters=20,
                 warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=5,
                 checkpoint_interval=10, keep_last=1),
-    adam_lrs=(1e-3, 1e-2), sophia_lrs=(1e-3, 1e-2), rho=0.05, rho_sweep=(0.2,),
+    adam_lrs=(1e-3, 1e-2), sophia_lrs=(1e-3, 1e-2), muon_lrs=(1e-3, 1e-2),
+    rho=0.05, rho_sweep=(0.2,),
     seeds=(1, 2), ablation=True, committed=True)
 
 SUITES = {suite.name: suite for suite in (CPU, GPU, TINY)}
@@ -157,12 +165,16 @@ def run_config(suite, spec, out_dir):
         config.update(rho=spec.rho, weight_decay=0.2)
         if spec.hess_micro_steps:
             config.update(hess_micro_steps=spec.hess_micro_steps)
+    elif spec.optimizer == 'muon':
+        # the shape scaling that puts Muon's learning rate and weight decay on AdamW's scale,
+        # named so that a change of the script's default cannot change the study unseen
+        config.update(weight_decay=0.1, muon_adjust_lr_fn='match_rms_adamw')
     else:
         config.update(weight_decay=0.1)
     return config
 
 def run_command(suite, spec, out_dir):
-    script = 'train_sophiag.py' if spec.optimizer == 'sophiag' else 'train_adam.py'
+    script = RECIPES[spec.optimizer].script
     # relative where it lies inside the repository: the command recorded reads as typed there
     out_dir = os.path.relpath(out_dir, ROOT) if out_dir.startswith(ROOT + os.sep) else out_dir
     return [sys.executable, os.path.join(ROOT, script)] + \
@@ -315,22 +327,26 @@ def best(specs, final_loss):
 
 def plan(suite, final_loss):
     """The phases of the study and their runs, as far as the finished runs decide them, and the
-    best AdamW and Sophia-G settings (None until decided)."""
+    best AdamW, Sophia-G and Muon settings (None until decided)."""
     first = suite.seeds[0]
     adam = [Spec('adamw', lr, None, first) for lr in suite.adam_lrs]
     sophia = [Spec('sophiag', lr, suite.rho, first) for lr in suite.sophia_lrs]
+    muon = [Spec('muon', lr, None, first) for lr in suite.muon_lrs]
     best_adam, best_lr = best(adam, final_loss), best(sophia, final_loss)
+    best_muon = best(muon, final_loss)
     rhos = [replace(best_lr, rho=rho) for rho in suite.rho_sweep] if best_lr else None
     best_sophia = best([best_lr] + rhos, final_loss) if rhos else None
-    seeds = ([replace(best_adam, seed=seed) for seed in suite.seeds[1:]] +
-             [replace(best_sophia, seed=seed) for seed in suite.seeds[1:]]) if best_adam and best_sophia else None
+    others = suite.seeds[1:]
+    bests = (best_adam, best_sophia, best_muon)
+    seeds = [replace(spec, seed=seed) for spec in bests for seed in others] if all(bests) else None
     phases = [
-        Phase(f"learning-rate sweeps (seed {first}): AdamW, and Sophia-G at rho {suite.rho:g}",
-              len(adam + sophia), adam + sophia, ''),
+        Phase(f"learning-rate sweeps (seed {first}): AdamW, Sophia-G at rho {suite.rho:g}, "
+              f"and Muon", len(adam + sophia + muon), adam + sophia + muon, ''),
         Phase(f"rho sweep ({', '.join(f'{rho:g}' for rho in suite.rho_sweep)}) at Sophia-G's best learning rate",
               len(suite.rho_sweep), rhos, 'phase 1 is complete'),
-        Phase(f"the best AdamW and the best Sophia-G with the other seeds ({', '.join(map(str, suite.seeds[1:]))})",
-              2 * len(suite.seeds[1:]), seeds, 'phases 1 and 2 are complete'),
+        Phase(f"the best AdamW, the best Sophia-G and the best Muon with the other seeds "
+              f"({', '.join(map(str, others))})", 3 * len(others), seeds,
+              'phases 1 and 2 are complete'),
     ]
     if suite.ablation:
         phases.append(Phase(
@@ -339,7 +355,14 @@ def plan(suite, final_loss):
             f"{', '.join(map(str, suite.seeds))}", len(suite.seeds),
             [replace(best_sophia, seed=seed, hess_micro_steps=quarter_hessian(suite)) for seed in suite.seeds]
             if best_sophia else None, 'phases 1 and 2 are complete'))
-    return phases, best_adam, best_sophia
+    return phases, best_adam, best_sophia, best_muon
+
+def sweep_runs(phases):
+    """The runs of the sweeps (phases 1 and 2, as far as known), one optimizer after the other:
+    Sophia-G's rho sweep beside its learning-rate sweep."""
+    order = ('adamw', 'sophiag', 'muon')
+    return sorted(phases[0].specs + (phases[1].specs or []),
+                  key=lambda spec: order.index(spec.optimizer))
 
 def quarter_hessian(suite):
     return suite.config['gradient_accumulation_steps'] // 4
@@ -363,12 +386,38 @@ def missing_runs(suite, results):
 def fmt(x, spec='.4f'):
     return '—' if x is None else format(x, spec)
 
-def edge_note(suite, best_adam, best_sophia):
+def edge_note(suite, best_adam, best_sophia, best_muon):
     """A note for each best learning rate (None: not yet known) at the edge of its sweep."""
-    edges = [f"{spec.optimizer}'s best learning rate ({spec.lr:g}) is the {'smallest' if spec.lr == min(grid) else 'largest'} "
-             f"of its sweep: the optimum may lie beyond it" for spec, grid in
-             ((best_adam, suite.adam_lrs), (best_sophia, suite.sophia_lrs)) if spec and spec.lr in (min(grid), max(grid))]
+    grids = ((best_adam, suite.adam_lrs), (best_sophia, suite.sophia_lrs),
+             (best_muon, suite.muon_lrs))
+    edges = [f"{spec.optimizer}'s best learning rate ({spec.lr:g}) is the "
+             f"{'smallest' if spec.lr == min(grid) else 'largest'} of its sweep: the optimum may "
+             f"lie beyond it" for spec, grid in grids if spec and spec.lr in (min(grid), max(grid))]
     return '\n\nNote: ' + '; '.join(edges) + '.' if edges else ''
+
+def count_text(n):
+    """A small count as a word, for prose: 'over three seeds', 'two at a time'."""
+    words = ('none', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine', 'ten')
+    return words[n] if n < len(words) else str(n)
+
+def standing(finals):
+    """Where Sophia-G stands against AdamW and Muon: `finals` maps 'AdamW', 'Sophia-G' and 'Muon'
+    to their final val losses over the seeds where all three have a finite one."""
+    n = len(finals['AdamW'])
+    mean = {label: statistics.fmean(losses) for label, losses in finals.items()}
+    sophia, others = mean['Sophia-G'], [label for label in mean if label != 'Sophia-G']
+    ahead = [label for label in others if sophia < mean[label]]
+    if len(ahead) == 2:
+        place = 'ahead of both'
+    elif not ahead:
+        place = 'behind both'
+    else:
+        behind = next(label for label in others if label not in ahead)
+        place = f"between them, ahead of {ahead[0]} and behind {behind}"
+    return (f"Sophia-G against both: its mean final val loss over {count_text(n)} "
+            f"seed{'s' if n > 1 else ''} is {sophia:.4f}, AdamW's {mean['AdamW']:.4f} and Muon's "
+            f"{mean['Muon']:.4f}: {place} ({sophia - mean['AdamW']:+.4f} against AdamW, "
+            f"{sophia - mean['Muon']:+.4f} against Muon).")
 
 def write_section(root, marker, section):
     """assets/<marker>.md, and the README's text between the <!-- marker:begin/end --> lines;
@@ -389,48 +438,75 @@ def write_section(root, marker, section):
 # -----------------------------------------------------------------------------
 # the cpu suite's report: made where the runs are, on the machine that made them
 
-def report_cpu(suite, results, root, sweeps, best_adam, best_sophia, seconds):
-    """Plots, the markdown tables, and the README section; `sweeps` are the runs of phases 1 and 2."""
+def cpu_seed_table(suite, results, best_adam, spec, label):
+    """Per seed, how far `spec`'s optimizer trained to reach AdamW's final val loss: the table's
+    lines, and a sentence that sums it up."""
+    c = suite.config
+    lines = [f"| seed | AdamW final val loss (target) | {label} final val loss | {label} "
+             f"iterations to target | speed-up in iterations | {label} seconds to target / AdamW "
+             f"seconds | {label} seconds to target |", "|---|---|---|---|---|---|---|"]
+    speedups = []
+    for seed in suite.seeds:
+        adam = results.load(replace(best_adam, seed=seed))
+        run = results.load(replace(spec, seed=seed))
+        target = compare.final_val_loss(adam)
+        iters = compare.to_target(run, target, 'iter')
+        secs = compare.to_target(run, target, 'time')
+        adam_secs = adam.eval[-1]['time']
+        speedup = c['max_iters'] / iters if iters else None
+        speedups.append(speedup)
+        lines.append(f"| {seed} | {target:.4f} | {compare.final_val_loss(run):.4f} | "
+                     f"{fmt(iters, '.0f')} | {fmt(speedup, '.2f')}{'×' if speedup else ''} | "
+                     f"{fmt(secs / adam_secs if secs else None, '.2f')} | "
+                     + (f"{secs:.0f} s of AdamW's {adam_secs:.0f} s |" if secs else "— |"))
+    reached = [s for s in speedups if s is not None]
+    if len(reached) == len(suite.seeds):
+        mean = sum(reached) / len(reached)
+        verdict = (f"{label} reached AdamW's final val loss in {c['max_iters'] / mean:.0f} of "
+                   f"{c['max_iters']} iterations on average: a speed-up of {mean:.2f}× in steps "
+                   f"(range {min(reached):.2f}–{max(reached):.2f}× over {len(suite.seeds)} seeds).")
+    else:
+        verdict = (f"{label} did not reach AdamW's final val loss within {c['max_iters']} "
+                   f"iterations in {len(suite.seeds) - len(reached)} of {len(suite.seeds)} seeds"
+                   + (f"; where it did, the speed-up was {', '.join(f'{s:.2f}×' for s in reached)}." if reached else "."))
+    return '\n'.join(lines), verdict
+
+def report_cpu(suite, results, root, sweeps, bests, seconds, jobs):
+    """Plots, the markdown tables, and the README section; `sweeps` are the runs of phases 1 and 2,
+    `bests` the best AdamW, Sophia-G and Muon, `jobs` how many ran side by side."""
+    best_adam, best_sophia, best_muon = bests
     first = suite.seeds[0]
     lines = []
     lines.append("| optimizer | learning rate | rho | final val loss |")
     lines.append("|---|---|---|---|")
     for spec in sweeps:
         run = results.load(spec)
-        mark = ' **(best)**' if spec in (best_adam, best_sophia) else ''
-        lines.append(f"| {spec.optimizer} | {spec.lr:g} | {fmt(spec.rho, 'g')} | {fmt(compare.final_val_loss(run))}{mark} |")
-    sweep_table = '\n'.join(lines) + edge_note(suite, best_adam, best_sophia)
+        mark = ' **(best)**' if spec in bests else ''
+        lines.append(f"| {spec.optimizer} | {spec.lr:g} | {fmt(spec.rho, 'g')} | "
+                     f"{fmt(compare.final_val_loss(run))}{mark} |")
+    sweep_table = '\n'.join(lines) + edge_note(suite, *bests)
 
     c = suite.config
-    lines = ["| seed | AdamW final val loss (target) | Sophia-G final val loss | Sophia-G iterations to target | speed-up in iterations | Sophia-G seconds to target / AdamW seconds |",
-             "|---|---|---|---|---|---|"]
-    speedups, runs = [], []
-    for seed in suite.seeds:
-        adam = results.load(replace(best_adam, seed=seed))
-        sophia = results.load(replace(best_sophia, seed=seed))
-        runs += [adam, sophia]
-        target = compare.final_val_loss(adam)
-        iters = compare.to_target(sophia, target, 'iter')
-        secs = compare.to_target(sophia, target, 'time')
-        adam_secs = adam.eval[-1]['time']
-        speedup = c['max_iters'] / iters if iters else None
-        speedups.append(speedup)
-        lines.append(f"| {seed} | {target:.4f} | {compare.final_val_loss(sophia):.4f} | {fmt(iters, '.0f')} | "
-                     f"{fmt(speedup, '.2f')}{'×' if speedup else ''} | {fmt(secs / adam_secs if secs else None, '.2f')} |")
-    seed_table = '\n'.join(lines)
-    reached = [s for s in speedups if s is not None]
-    if len(reached) == len(suite.seeds):
-        mean = sum(reached) / len(reached)
-        verdict = (f"Sophia-G reached AdamW's final val loss in {c['max_iters'] / mean:.0f} of "
-                   f"{c['max_iters']} iterations on average: a speed-up of {mean:.2f}× in steps "
-                   f"(range {min(reached):.2f}–{max(reached):.2f}× over {len(suite.seeds)} seeds).")
-    else:
-        verdict = (f"Sophia-G did not reach AdamW's final val loss within {c['max_iters']} "
-                   f"iterations in {len(suite.seeds) - len(reached)} of {len(suite.seeds)} seeds"
-                   + (f"; where it did, the speed-up was {', '.join(f'{s:.2f}×' for s in reached)}." if reached else "."))
+    sophia_table, sophia_verdict = cpu_seed_table(suite, results, best_adam, best_sophia,
+                                                  'Sophia-G')
+    muon_table, muon_verdict = cpu_seed_table(suite, results, best_adam, best_muon, 'Muon')
+    settings = (('AdamW', best_adam), ('Sophia-G', best_sophia), ('Muon', best_muon))
+    runs = {label: [results.load(replace(spec, seed=seed)) for seed in suite.seeds]
+            for label, spec in settings}
+    against = standing({label: [compare.final_val_loss(run) for run in runs[label]]
+                        for label in runs})
+    # whole runs over their wall-clock, evaluations included: side by side with other work, noisy
+    tokens = c['max_iters'] * c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
+    rates = {label: statistics.fmean(tokens / run.eval[-1]['time'] for run in runs[label])
+             for label in runs}
+    throughput = ("Throughput, tokens over each run's wall-clock seconds (evaluations included; "
+                  "runs side by side share the cores), mean over seeds: AdamW "
+                  f"{rates['AdamW']:,.0f} tokens/s, " +
+                  ', '.join(f"{label} {rates[label]:,.0f} ({rates[label] / rates['AdamW']:.3f} of "
+                            f"AdamW's)" for label in ('Sophia-G', 'Muon')) + ".")
 
     # the health of Sophia-G's clipping, from its own logs
-    win_rates = [results.load(replace(best_sophia, seed=seed)).train[-1].get('train/win_rate') for seed in suite.seeds]
+    win_rates = [run.train[-1].get('train/win_rate') for run in runs['Sophia-G']]
     win_rates = [w for w in win_rates if w is not None]
     updates = c['max_iters'] // 10
     warm = 1 - 0.99 ** updates
@@ -442,33 +518,45 @@ def report_cpu(suite, results, root, sweeps, best_adam, best_sophia, seconds):
               f"100k steps, where the EMA is long warmed up.") if win_rates else ""
 
     os.makedirs(os.path.join(root, 'assets'), exist_ok=True)
-    plots = compare.plot_runs(runs, os.path.join(root, 'assets', 'study'),
-                              title='stdlib_char, 4-layer GPT: best AdamW vs best Sophia-G, 3 seeds')
+    seeds = f"{len(suite.seeds)} seed{'s' if len(suite.seeds) > 1 else ''}"
+    title = f'stdlib_char, 4-layer GPT: best AdamW, Sophia-G and Muon, {seeds}'
+    plots = compare.plot_runs([run for label in runs for run in runs[label]],
+                              os.path.join(root, 'assets', 'study'), title=title)
+    over = f"over {count_text(len(suite.seeds))} seeds"
     now = datetime.date.today().isoformat()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     section = f"""
-Made by `python study.py` on {now} ({machine}; {seconds / 60:.0f} minutes of training summed over the runs, two at
+Made by `python study.py` on {now} ({machine}; {seconds / 60:.0f} minutes of training summed over \
+the runs, {count_text(jobs)} at
 a time). Model: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, {c['block_size']}-character
 context, {c['batch_size']} sequences per step ({c['batch_size'] * c['block_size']:,} tokens),
 {c['max_iters']} iterations, {c['warmup_iters']} warmup, cosine decay to lr/10, val loss on the same
 {c['eval_iters']} batches every {c['eval_interval']} iterations. Sophia-G: betas 0.965/0.99, weight
-decay 0.2, a Hessian pass every 10 iterations; AdamW: betas 0.9/0.95, weight decay 0.1.
+decay 0.2, a Hessian pass every 10 iterations; AdamW: betas 0.9/0.95, weight decay 0.1; Muon
+(train_muon.py): torch.optim.Muon on the blocks' matrices (momentum 0.95, Nesterov, 5 Newton–Schulz
+steps, lr scaled by shape to AdamW's RMS, weight decay 0.1) and AdamW as above on the rest.
 
-**Result.** {verdict} {health}
+**Result.** {sophia_verdict} {muon_verdict} {against} {health}
 
 Learning-rate and rho sweep (seed {first}):
 
 {sweep_table}
 
-Best AdamW (lr {best_adam.lr:g}) and best Sophia-G (lr {best_sophia.lr:g}, rho {best_sophia.rho:g}) over three seeds:
+Best AdamW (lr {best_adam.lr:g}) and best Sophia-G (lr {best_sophia.lr:g}, \
+rho {best_sophia.rho:g}) {over}:
 
-{seed_table}
+{sophia_table}
+
+Best AdamW (lr {best_adam.lr:g}) and best Muon (lr {best_muon.lr:g}) {over}:
+
+{muon_table}
 
 ![val loss](assets/study_val_loss.png)
 
-The seconds column counts Sophia-G's Hessian passes (about 10% more forward/backward work).
+{throughput} The seconds columns count Sophia-G's Hessian passes (about 10% more forward/backward
+work) and Muon's Newton–Schulz iterations.
 This is a 0.8M-parameter character model trained for {c['max_iters'] * c['batch_size'] * c['block_size'] / 1e6:.1f}M
-tokens: it says how the two optimizers compare here, not at GPT-2 scale.
+tokens: it says how the three optimizers compare here, not at GPT-2 scale.
 """
     readme = write_section(root, 'study', section)
     print(section)
@@ -515,7 +603,10 @@ def setup_text(suite):
             f"{', torch.compile' if c['compile'] else ''}; val loss on the same {c['eval_iters']} batches "
             f"({c['eval_iters'] * c['batch_size'] * c['block_size']:,} tokens) every {c['eval_interval']} steps. "
             f"Sophia-G: betas 0.965/0.99, weight decay 0.2, a Hessian pass over a full step's tokens every "
-            f"10 steps (the official schedule); AdamW: betas 0.9/0.95, weight decay 0.1.")
+            f"10 steps (the official schedule); AdamW: betas 0.9/0.95, weight decay 0.1; Muon "
+            f"(train_muon.py): torch.optim.Muon on the blocks' matrices (momentum 0.95, Nesterov, "
+            f"5 Newton–Schulz steps, lr scaled by shape to AdamW's RMS, weight decay 0.1), AdamW "
+            f"as above on the rest.")
 
 def provenance_text(suite, records):
     devices = sorted({r['device'] for r in records})
@@ -568,26 +659,28 @@ def sweep_table(suite, results, sweeps, chosen):
                      f"{fmt(tokens_per_second(run), ',.0f')} |")
     return '\n'.join(lines) + edge_note(suite, *chosen)
 
-def seeds_text(suite, results, best_adam, best_sophia):
-    """The per-seed table of Sophia-G against AdamW's final val loss, and what it says."""
-    lines = ["| seed | AdamW final val loss (target) | Sophia-G final val loss | Sophia-G tokens to target | "
-             "/ AdamW's tokens | Sophia-G seconds to target | / AdamW's seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+def seeds_text(suite, results, best_adam, spec, label):
+    """The per-seed table of `spec`'s optimizer (labelled `label`) against AdamW's final val loss,
+    and what it says."""
+    lines = [f"| seed | AdamW final val loss (target) | {label} final val loss | {label} tokens to "
+             f"target | / AdamW's tokens | {label} seconds to target | / AdamW's seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     reached, differences, seeds = [], [], 0
     for seed in suite.seeds:
-        adam_spec, sophia_spec = replace(best_adam, seed=seed), replace(best_sophia, seed=seed)
-        if not (results.done(adam_spec) and results.done(sophia_spec)):
+        adam_spec, other_spec = replace(best_adam, seed=seed), replace(spec, seed=seed)
+        if not (results.done(adam_spec) and results.done(other_spec)):
             continue
         seeds += 1
-        target, final = results.final_loss(adam_spec), results.final_loss(sophia_spec)
+        target, final = results.final_loss(adam_spec), results.final_loss(other_spec)
         row = [str(seed), loss_text(target), loss_text(final)]
         if math.inf in (target, final):
             lines.append('| ' + ' | '.join(row + ['—'] * 4) + ' |')
             continue
         differences.append(final - target)
-        adam, sophia = results.load(adam_spec), results.load(sophia_spec)
+        adam, other = results.load(adam_spec), results.load(other_spec)
         adam_tokens = adam.val_points()[-1]['tokens']
         adam_seconds = adam_tokens / tokens_per_second(adam)
-        tokens, seconds = compare.to_target(sophia, target, 'tokens'), seconds_to(sophia, target)
+        tokens, seconds = compare.to_target(other, target, 'tokens'), seconds_to(other, target)
         if tokens is None:
             row += ['—'] * 4
         else:
@@ -599,18 +692,34 @@ def seeds_text(suite, results, best_adam, best_sophia):
         return None
     so_far = '' if seeds == len(suite.seeds) else ' so far'
     if reached:
-        verdict = (f"In {len(reached)} of {seeds} seeds{so_far} Sophia-G reached AdamW's final val loss, with "
-                   f"{spread([t for t, _ in reached], '.2f')} × AdamW's tokens and "
+        verdict = (f"In {len(reached)} of {seeds} seeds{so_far} {label} reached AdamW's final val "
+                   f"loss, with {spread([t for t, _ in reached], '.2f')} × AdamW's tokens and "
                    f"{spread([s for _, s in reached], '.2f')} × its seconds.")
     else:
-        verdict = (f"In none of {seeds} seeds{so_far} did Sophia-G reach AdamW's final val loss within "
-                   f"{suite.config['max_iters']:,} steps.")
+        verdict = (f"In none of {seeds} seeds{so_far} did {label} reach AdamW's final val loss "
+                   f"within {suite.config['max_iters']:,} steps.")
     if differences:
-        verdict += f" Final val loss, Sophia-G minus AdamW: {spread(differences, '+.4f')}."
-    return (f"Best AdamW (lr {best_adam.lr:g}) against the best Sophia-G (lr {best_sophia.lr:g}, rho "
-            f"{best_sophia.rho:g}), per seed (tokens and seconds to reach AdamW's final val loss, "
-            f"interpolated between evaluations; — where not reached):\n\n" + '\n'.join(lines) +
+        verdict += f" Final val loss, {label} minus AdamW: {spread(differences, '+.4f')}."
+    setting = f"lr {spec.lr:g}" + (f", rho {spec.rho:g}" if spec.rho is not None else "")
+    return (f"Best AdamW (lr {best_adam.lr:g}) against the best {label} ({setting}), per seed "
+            f"(tokens and seconds to reach AdamW's final val loss, interpolated between "
+            f"evaluations; — where not reached):\n\n" + '\n'.join(lines) +
             f"\n\n**Result.** {verdict}")
+
+def standing_text(suite, results, bests):
+    """standing() over the seeds where the best AdamW, Sophia-G and Muon all have a finite final val
+    loss; None before there is one."""
+    labels = ('AdamW', 'Sophia-G', 'Muon')
+    finals = {label: [] for label in labels}
+    for seed in suite.seeds:
+        specs = [replace(spec, seed=seed) for spec in bests]
+        losses = [results.final_loss(spec) if results.done(spec) else None for spec in specs]
+        if None in losses or math.inf in losses:
+            continue
+        for label, loss in zip(labels, losses):
+            finals[label].append(loss)
+    so_far = '' if len(finals['AdamW']) == len(suite.seeds) else ' (the seeds done so far)'
+    return standing(finals)[:-1] + so_far + '.' if finals['AdamW'] else None
 
 def ablation_text(suite, results, official, cheap):
     """The best Sophia-G against itself with the quarter-size Hessian batch, per seed."""
@@ -646,25 +755,34 @@ def finished_seeds(suite, results, spec):
     return [results.load(replace(spec, seed=seed)) for seed in suite.seeds if results.done(replace(spec, seed=seed))]
 
 def throughput_text(suite, results, settings):
-    """Mean tokens/s over the seeds of each chosen setting, against AdamW's."""
-    ceilings = ['', "the arithmetic's ceiling 1/1.1 = 0.909", "ceiling 1/1.025 = 0.976"]
+    """Mean tokens/s over the seeds of each chosen setting (AdamW's first), against AdamW's;
+    Sophia-G's also against the ceiling that its Hessian pass's extra work allows."""
     parts, adam = [], None
-    for (label, _, spec), ceiling in zip(settings, ceilings):
+    for label, _, spec in settings:
         rates = [tokens_per_second(run) for run in finished_seeds(suite, results, spec)]
         rates = [rate for rate in rates if rate is not None]  # a run that diverged early logged none
         if not rates:
             continue
         rate = statistics.fmean(rates)
-        adam = adam or rate  # the first setting is AdamW's
-        parts.append(f"{label} {rate:,.0f}" + (f" ({rate / adam:.3f} of AdamW's; {ceiling})" if ceiling else ""))
+        if spec.optimizer == 'adamw':
+            adam = rate
+            parts.append(f"{label} {rate:,.0f}")
+            continue
+        notes = [f"{rate / adam:.3f} of AdamW's"] if adam else []
+        if spec.optimizer == 'sophiag':
+            notes.append("ceiling 1/1.025 = 0.976" if spec.hess_micro_steps else
+                         "the arithmetic's ceiling 1/1.1 = 0.909")
+        parts.append(f"{label} {rate:,.0f}" + (f" ({'; '.join(notes)})" if notes else ""))
     return ("Tokens/s, the median over each run's log intervals (compilation and evaluation left out), mean "
             "over seeds: " + ', '.join(parts) + ". The seconds above are tokens ÷ that rate: training at "
-            "steady speed, Hessian passes included.")
+            "steady speed, Hessian passes and Newton–Schulz iterations included.")
 
 def win_rate_text(suite, results, settings):
     points = [max(1, round(suite.config['max_iters'] * fraction)) for fraction in (0.05, 0.25, 0.5, 1.0)]
     parts = []
-    for label, _, spec in settings[1:]:  # the Sophia-G settings
+    for label, _, spec in settings:
+        if spec.optimizer != 'sophiag':  # only Sophia-G clips
+            continue
         runs = finished_seeds(suite, results, spec)
         if not runs:
             continue
@@ -723,7 +841,8 @@ def plot_study(path, title, groups, sweeps):
 def report_committed(suite, results, root):
     """The plot, assets/study_<suite>.md and the README section between the study-<suite> markers,
     from the committed logs alone."""
-    phases, best_adam, best_sophia = plan(suite, results.final_loss)
+    phases, best_adam, best_sophia, best_muon = plan(suite, results.final_loss)
+    bests = (best_adam, best_sophia, best_muon)
     known = known_runs(suite, results)
     results.check_consistent(known)
     done = [spec for spec in known if results.done(spec)]
@@ -733,34 +852,38 @@ def report_committed(suite, results, root):
     missing = missing_text(suite, results, phases)
     if missing:
         parts.append(missing)
+    if best_adam:  # each optimizer against AdamW as soon as both sweeps are complete
+        parts += [seeds_text(suite, results, best_adam, spec, label)
+                  for spec, label in ((best_sophia, 'Sophia-G'), (best_muon, 'Muon')) if spec]
     settings = []  # (label, line style, spec at the first seed) of the chosen settings
-    if best_adam and best_sophia:
-        settings = [('AdamW', '--', best_adam), ('Sophia-G', '-', best_sophia)]
+    if all(bests):
+        parts.append(standing_text(suite, results, bests))
+        cheap = replace(best_sophia, hess_micro_steps=quarter_hessian(suite))
+        settings = [('AdamW', '--', best_adam), ('Sophia-G', '-', best_sophia),
+                    ('Muon', '-.', best_muon)]
         if suite.ablation:
-            settings.append((f'Sophia-G, hess_micro_steps={quarter_hessian(suite)}', ':',
-                             replace(best_sophia, hess_micro_steps=quarter_hessian(suite))))
-        parts.append(seeds_text(suite, results, best_adam, best_sophia))
-        if suite.ablation:
-            ablation = ablation_text(suite, results, best_sophia, settings[2][2])
-            if ablation:
-                parts.append(ablation)
+            settings.append((f'Sophia-G, hess_micro_steps={quarter_hessian(suite)}', ':', cheap))
+            parts.append(ablation_text(suite, results, best_sophia, cheap))
         parts.append(throughput_text(suite, results, settings))
         parts.append(win_rate_text(suite, results, settings))
+    parts = [part for part in parts if part]  # a text with nothing to say yet is None
     if done:
-        sweeps = phases[0].specs + (phases[1].specs or [])
+        sweeps = sweep_runs(phases)
         parts.append(f"Learning-rate and rho sweeps (seed {suite.seeds[0]}):\n\n" +
-                     sweep_table(suite, results, sweeps, (best_adam, best_sophia)))
+                     sweep_table(suite, results, sweeps, bests))
 
     # the curves: the chosen settings over their seeds once chosen, else every finished run
     if settings:
         groups = [(label, style, finished_seeds(suite, results, spec)) for label, style, spec in settings]
     else:
-        groups = [(run_name(suite, spec), '-' if spec.optimizer == 'sophiag' else '--', [results.load(spec)])
+        groups = [(run_name(suite, spec), compare.LINE_STYLES[spec.optimizer], [results.load(spec)])
                   for spec in done]
     groups = [group for group in groups if group[2]]
     sweep_points = [(label, [(spec.lr, results.final_loss(spec)) for spec in phases[0].specs
                              if spec.optimizer == optimizer and results.done(spec)])
-                    for label, optimizer in (('AdamW', 'adamw'), (f'Sophia-G, rho {suite.rho:g}', 'sophiag'))]
+                    for label, optimizer in (('AdamW', 'adamw'),
+                                             (f'Sophia-G, rho {suite.rho:g}', 'sophiag'),
+                                             ('Muon', 'muon'))]
     plot_path = os.path.join(root, 'assets', f'study_{suite.name}.png')
     os.makedirs(os.path.join(root, 'assets'), exist_ok=True)
     if groups:
@@ -892,10 +1015,10 @@ def main():
     if found:
         raise SystemExit(f"error: phase {found[0]} of the study is not finished ({len(found[2])} runs "
                          f"missing in {results.out_root}); run python study.py")
-    phases, best_adam, best_sophia = plan(suite, results.final_loss)
+    phases, *bests = plan(suite, results.final_loss)
     runs = [spec for phase in phases for spec in phase.specs]
     seconds = sum(results.load(spec).eval[-1]['time'] for spec in runs)
-    report_cpu(suite, results, results.root, phases[0].specs + phases[1].specs, best_adam, best_sophia, seconds)
+    report_cpu(suite, results, results.root, sweep_runs(phases), bests, seconds, args.jobs)
     print(f'study finished in {(time.time() - started) / 60:.1f} minutes of wall-clock')
 
 if __name__ == '__main__':

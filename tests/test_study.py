@@ -98,25 +98,29 @@ def test_gpu_suite_meets_the_brief():
     assert c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps'] >= 131_072
     assert c['max_iters'] >= 2000 and (c['device'], c['dtype'], c['compile']) == ('cuda', 'bfloat16', True)
     assert len(gpu.adam_lrs) >= 4 and len(gpu.sophia_lrs) >= 4 and gpu.rho == 0.05 and len(gpu.rho_sweep) >= 2
+    assert gpu.muon_lrs == gpu.adam_lrs  # with match_rms_adamw Muon's learning rate is on AdamW's scale
     assert len(gpu.seeds) >= 3 and gpu.committed and gpu.ablation
     # the plan, with every run of a phase finished in turn: the lowest loss wins each sweep
     losses = {}
     def final_loss(spec):
         return losses.get(spec)
-    phases, best_adam, best_sophia = study.plan(gpu, final_loss)
-    assert [phase.count for phase in phases] == [10, 3, 4, 3]
+    phases, best_adam, best_sophia, best_muon = study.plan(gpu, final_loss)
+    assert [phase.count for phase in phases] == [15, 3, 6, 3]
     assert [phase.specs is None for phase in phases] == [False, True, True, True]
+    assert phases[0].specs[10:] == [Spec('muon', lr, None, 1337) for lr in gpu.muon_lrs]
     for spec in phases[0].specs:
-        losses[spec] = 3.0 if spec.lr == 1e-3 else 4.0
-    phases, best_adam, best_sophia = study.plan(gpu, final_loss)
+        losses[spec] = 3.0 if spec.lr == (2e-3 if spec.optimizer == 'muon' else 1e-3) else 4.0
+    phases, best_adam, best_sophia, best_muon = study.plan(gpu, final_loss)
     assert best_adam == Spec('adamw', 1e-3, None, 1337) and best_sophia is None
+    assert best_muon == Spec('muon', 2e-3, None, 1337) and phases[2].specs is None
     assert phases[1].specs == [Spec('sophiag', 1e-3, rho, 1337) for rho in gpu.rho_sweep]
     for spec in phases[1].specs:
         losses[spec] = 2.5 if spec.rho == 0.1 else 3.5
-    phases, best_adam, best_sophia = study.plan(gpu, final_loss)
+    phases, best_adam, best_sophia, best_muon = study.plan(gpu, final_loss)
     assert best_sophia == Spec('sophiag', 1e-3, 0.1, 1337)
     assert phases[2].specs == [Spec('adamw', 1e-3, None, 1338), Spec('adamw', 1e-3, None, 1339),
-                               Spec('sophiag', 1e-3, 0.1, 1338), Spec('sophiag', 1e-3, 0.1, 1339)]
+                               Spec('sophiag', 1e-3, 0.1, 1338), Spec('sophiag', 1e-3, 0.1, 1339),
+                               Spec('muon', 2e-3, None, 1338), Spec('muon', 2e-3, None, 1339)]
     # the ablation: the same Sophia-G over the same seeds, its Hessian pass on a quarter of the step
     assert phases[3].specs == [Spec('sophiag', 1e-3, 0.1, seed, hess_micro_steps=1) for seed in gpu.seeds]
     assert c['gradient_accumulation_steps'] == 4 * phases[3].specs[0].hess_micro_steps
@@ -124,16 +128,23 @@ def test_gpu_suite_meets_the_brief():
     configs = [study.run_config(gpu, spec, 'out') for phase in phases for spec in phase.specs]
     assert [config.get('hess_micro_steps', 0) for config in configs].count(1) == 3
     assert not any('hess_interval' in config for config in configs)
+    # Muon: AdamW's weight decay and schedule, the lr scaling that puts it on AdamW's scale, no rho
+    muon = study.run_config(gpu, Spec('muon', 2e-3, None, 1338), 'out')
+    assert (muon['weight_decay'], muon['min_lr'], muon['seed'], muon['muon_adjust_lr_fn']) == (
+        0.1, 2e-4, 1338, 'match_rms_adamw') and 'rho' not in muon
+    assert study.run_command(gpu, Spec('muon', 2e-3, None, 1338), 'out')[1] == os.path.join(ROOT, 'train_muon.py')
 
 def test_gpu_report_without_runs_lists_what_is_missing(tmp_path):
     root = make_root(tmp_path, 'gpu')
     result = check_ok(run_study('--suite=gpu', '--report_only', f'--root={root}'))
     text = section(root, 'gpu')
-    assert 'No run has been made yet' in text and '**Missing runs: 20 of 20.**' in text
+    assert 'No run has been made yet' in text and '**Missing runs: 27 of 27.**' in text
     for spec in study.plan(study.GPU, lambda spec: None)[0][0].specs:
         assert f'`{study.run_name(study.GPU, spec)}`' in text
     assert '2. rho sweep (0.02, 0.1, 0.2)' in text and 'chosen when phase 1 is complete' in text
     assert '4. ablation: the best Sophia-G with hess_micro_steps=1' in text
+    assert ('3. the best AdamW, the best Sophia-G and the best Muon with the other seeds (1338, 1339): 6 runs, '
+            'chosen when phases 1 and 2 are complete') in text
     # no numbers are made up, no plot is drawn, and the rest of the README stays as it was
     assert 'final val loss |' not in text and 'Result' not in text and '.png' not in text
     assert not (root / 'assets' / 'study_gpu.png').exists()
@@ -159,12 +170,14 @@ def test_tiny_study_trains_only_missing_runs_and_rebuilds_its_report(tmp_path, c
     with open(os.path.join(corpus, 'meta.pkl'), 'rb') as f:
         fingerprint = pickle.load(f)['fingerprint']
     root = make_root(tmp_path, 'tiny')
-    # phases 1 to 3 as if made earlier: the best are AdamW lr 0.01 and Sophia-G lr 0.01, rho 0.05
+    # phases 1 to 3 as if made earlier: the best are AdamW lr 0.01, Sophia-G lr 0.01, rho 0.05 and
+    # Muon lr 0.001
     best_sophia = Spec('sophiag', 1e-2, 0.05, 1)
     for spec, losses in [(Spec('adamw', 1e-3, None, 1), [11, 10.5, 10.4]), (Spec('adamw', 1e-2, None, 1), [11, 9, 8.5]),
                          (Spec('sophiag', 1e-3, 0.05, 1), [11, 10.6, 10.5]), (best_sophia, [11, 9, 8.4]),
+                         (Spec('muon', 1e-3, None, 1), [11, 9, 8.3]), (Spec('muon', 1e-2, None, 1), [11, 9, 8.7]),
                          (Spec('sophiag', 1e-2, 0.2, 1), [11, 9, 8.6]), (Spec('adamw', 1e-2, None, 2), [11, 9, 8.6]),
-                         (dataclasses.replace(best_sophia, seed=2), [11, 9, 8.5])]:
+                         (dataclasses.replace(best_sophia, seed=2), [11, 9, 8.5]), (Spec('muon', 1e-3, None, 2), [11, 9, 8.4])]:
         plant(root, suite, spec, losses, tokens_per_s=1000.0, fingerprint=fingerprint)
     planted = snapshot(root)
     args = ['--suite=tiny', f'--root={root}', f'--dataset={corpus}']
@@ -207,6 +220,7 @@ def test_tiny_study_trains_only_missing_runs_and_rebuilds_its_report(tmp_path, c
     text = section(root, 'tiny')
     assert 'Missing runs' not in text and '**Result.**' in text and 'Ablation' in text
     assert f'fingerprint {fingerprint[:16]}' in text and '| 2 | 8.6000 | 8.5000 |' in text
+    assert '| 2 | 8.6000 | 8.4000 |' in text and 'the best Muon (lr 0.001)' in text
     assert done['assets/study_tiny.png'].startswith(b'\x89PNG')
     check_ok(run_study('--suite=tiny', '--report_only', f'--root={root}'))  # no --dataset: the logs suffice
     assert snapshot(root) == done
@@ -226,6 +240,10 @@ def test_report_numbers_from_planted_logs(tmp_path):
     for seed in (1, 2):
         plant(root, suite, dataclasses.replace(best_sophia, seed=seed, hess_micro_steps=1), [10, 3.6, 2.6], 990.0,
               win_rate=0.1)
+    best_muon = Spec('muon', 1e-2, None, 1)
+    plant(root, suite, Spec('muon', 1e-3, None, 1), [10, 6.0, 4.5], 1100.0)
+    plant(root, suite, best_muon, [10, 4.2, 2.2], 1100.0)  # crosses 3.0 at 2048 tokens: 0.80 of AdamW's
+    plant(root, suite, dataclasses.replace(best_muon, seed=2), [10, 4.2, 2.4], 1100.0)  # 3.2 at 1991: 0.78
     study.report_committed(suite, study.Results(suite, str(root)), str(root))
     text = section(root, 'tiny')
     assert 'Missing runs' not in text
@@ -234,6 +252,19 @@ def test_report_numbers_from_planted_logs(tmp_path):
     assert ("In 2 of 2 seeds Sophia-G reached AdamW's final val loss, with 0.70 (range 0.65 to 0.75) × AdamW's "
             "tokens and 0.78 (range 0.72 to 0.83) × its seconds.") in text
     assert 'Sophia-G minus AdamW: -0.6000 (range -0.7000 to -0.5000)' in text
+    # Muon against the same targets: 2048 / 1100 s and 1991 / 1100 s against AdamW's 2560 / 1000 s
+    assert 'Best AdamW (lr 0.01) against the best Muon (lr 0.01), per seed' in text
+    assert '| 1 | 3.0000 | 2.2000 | 2,048 | 0.80 | 2 s | 0.73 |' in text
+    assert '| 2 | 3.2000 | 2.4000 | 1,991 | 0.78 | 2 s | 0.71 |' in text
+    assert ("In 2 of 2 seeds Muon reached AdamW's final val loss, with 0.79 (range 0.78 to 0.80) × AdamW's "
+            "tokens and 0.72 (range 0.71 to 0.73) × its seconds. Final val loss, Muon minus AdamW: -0.8000.") in text
+    # mean final val loss: AdamW 3.1, Sophia-G 2.5, Muon 2.3
+    assert ("Sophia-G against both: its mean final val loss over two seeds is 2.5000, AdamW's 3.1000 and Muon's "
+            "2.3000: between them, ahead of AdamW and behind Muon (-0.6000 against AdamW, +0.2000 against Muon).") in text
+    assert "Muon 1,100 (1.100 of AdamW's)" in text
+    assert '| muon-lr0.01 | muon | 0.01 | — | 2.2000 **(best)** | 1,100 |' in text
+    assert '| muon-lr0.001 | muon | 0.001 | — | 4.5000 | 1,100 |' in text and text.count('**(best)**') == 3
+    assert "muon's best learning rate (0.01) is the largest of its sweep" in text
     assert '| 1 | 2.5000 | 2.6000 | +0.1000 | 900 | 990 |' in text
     assert "changed Sophia-G's final val loss by +0.1000, and its tokens/s by ×1.100" in text
     assert "AdamW 1,000, Sophia-G 900 (0.900 of AdamW's" in text and 'hess_micro_steps=1 990 (0.990' in text
@@ -248,10 +279,19 @@ def test_report_numbers_from_planted_logs(tmp_path):
                 best_sophia, seed=seed, hess_micro_steps=1)) + extension))
     study.report_committed(suite, study.Results(suite, str(root)), str(root))
     text = section(root, 'tiny')
-    assert ('**Missing runs: 2 of 9.**' in text and '4. ablation: the best Sophia-G with hess_micro_steps=1 (a quarter '
+    assert ('**Missing runs: 2 of 12.**' in text and '4. ablation: the best Sophia-G with hess_micro_steps=1 (a quarter '
             'of the 4 micro-batches of a step), seeds 1, 2: 2 of 2 missing: `sophiag-lr0.01-rho0.05-hess1`, '
             '`sophiag-lr0.01-rho0.05-seed2-hess1`') in text
-    assert '3. the best AdamW and the best Sophia-G with the other seeds (2): all 2 done' in text
+    assert '3. the best AdamW, the best Sophia-G and the best Muon with the other seeds (2): all 3 done' in text
+    # Muon's other seed gone: phase 3 lists it by name, its table and the standing wait for it
+    for extension in ('.json', '.jsonl'):
+        os.remove(root / 'study' / 'tiny' / (study.run_name(suite, dataclasses.replace(best_muon, seed=2)) + extension))
+    study.report_committed(suite, study.Results(suite, str(root)), str(root))
+    text = section(root, 'tiny')
+    assert ('3. the best AdamW, the best Sophia-G and the best Muon with the other seeds (2): 1 of 3 missing: '
+            '`muon-lr0.01-seed2`') in text
+    assert '| 2 | 3.2000 | 2.4000 |' not in text and 'In 1 of 1 seeds so far Muon reached' in text
+    assert 'its mean final val loss over one seed is 2.5000, AdamW\'s 3.0000' in text
 
 @pytest.mark.parametrize('mix', ['settings', 'corpus'])
 def test_report_refuses_runs_that_do_not_belong_together(tmp_path, mix):
@@ -293,9 +333,10 @@ def plant_cpu_run(root, spec, final, seconds_per_iter, win_rate=None):
     (folder / 'metrics.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
 
 def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
-    """The cpu study's 18 runs planted with known losses: AdamW's best learning rate is the
-    largest of its sweep (a note says so), Sophia-G's best is rho 0.2 from the rho sweep; per seed
-    Sophia-G reaches AdamW's final loss at 768 and 777 iterations and not at all with seed 1339."""
+    """The cpu study's 25 runs planted with known losses: AdamW's best learning rate is the
+    largest of its sweep (a note says so), Sophia-G's best is rho 0.2 from the rho sweep, Muon's
+    best 0.004; per seed Sophia-G reaches AdamW's final loss at 768 and 777 iterations and not at
+    all with seed 1339, Muon at 784 and 787 and not with seed 1339."""
     root = tmp_path / 'repo'
     root.mkdir()
     (root / 'README.md').write_text("# project\n\n<!-- study:begin -->\nstale\n<!-- study:end -->\n\nafter\n")
@@ -307,9 +348,13 @@ def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
         plant_cpu_run(root, Spec('sophiag', lr, 0.05, 1337), final, 0.55, win_rate=0.2)
     for rho, final in zip(study.CPU.rho_sweep, (1.72, 1.5, 1.65)):
         plant_cpu_run(root, Spec('sophiag', 5e-4, rho, 1337), final, 0.55, win_rate=0.03)
-    for seed, adam_final, sophia_final, win_rate in ((1338, 1.62, 1.55, 0.05), (1339, 1.58, 1.65, 0.04)):
+    for lr, final in zip(study.CPU.muon_lrs, (1.9, 1.7, 1.55, 1.65, 1.8)):
+        plant_cpu_run(root, Spec('muon', lr, None, 1337), final, 0.6)
+    for seed, adam_final, sophia_final, win_rate, muon_final in ((1338, 1.62, 1.55, 0.05, 1.58),
+                                                                 (1339, 1.58, 1.65, 0.04, 1.6)):
         plant_cpu_run(root, Spec('adamw', 1.6e-2, None, seed), adam_final, 0.5)
         plant_cpu_run(root, Spec('sophiag', 5e-4, 0.2, seed), sophia_final, 0.55, win_rate=win_rate)
+        plant_cpu_run(root, Spec('muon', 4e-3, None, seed), muon_final, 0.6)
 
     result = check_ok(run_study('--report_only', f'--root={root}'))
     readme = (root / 'README.md').read_text()
@@ -318,8 +363,8 @@ def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
     assert (root / 'assets' / 'study.md').read_text() == text
     for plot in ('study_val_loss.png', 'study_train_loss.png'):
         assert (root / 'assets' / plot).read_bytes().startswith(b'\x89PNG') and f'assets/{plot}' in result.stdout
-    # 5 x 400 s of AdamW and 13 x 440 s of Sophia-G over the 18 runs: 127 minutes
-    assert '127 minutes of training summed over the runs' in text
+    # 7 x 400 s of AdamW, 11 x 440 s of Sophia-G and 7 x 480 s of Muon over the 25 runs: 183 minutes
+    assert '183 minutes of training summed over the runs, two at\na time' in text
     assert '4 layers, 4 heads, 128 wide, 64-character\ncontext, 32 sequences per step (2,048 tokens)' in text
     assert 'Sophia-G did not reach AdamW\'s final val loss within 800 iterations in 1 of 3 seeds; where it did, ' \
            'the speed-up was 1.04×, 1.03×.' in text
@@ -328,7 +373,8 @@ def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
     # the sweeps: every run of phases 1 and 2 with its final loss, the two best marked
     assert '| adamw | 0.016 | — | 1.6000 **(best)** |' in text and '| adamw | 0.008 | — | 1.7000 |' in text
     assert '| sophiag | 0.0005 | 0.05 | 1.7000 |' in text and '| sophiag | 0.0005 | 0.2 | 1.5000 **(best)** |' in text
-    assert text.count('**(best)**') == 2 and text.count('\n| sophiag | ') == 6 + 3
+    assert '| muon | 0.004 | — | 1.5500 **(best)** |' in text and '| muon | 0.016 | — | 1.8000 |' in text
+    assert text.count('**(best)**') == 3 and text.count('\n| sophiag | ') == 6 + 3 and text.count('\n| muon | ') == 5
     assert ("Note: adamw's best learning rate (0.016) is the largest of its sweep: the optimum may lie beyond "
             "it.") in text
     assert 'Best AdamW (lr 0.016) and best Sophia-G (lr 0.0005, rho 0.2) over three seeds' in text
@@ -337,15 +383,29 @@ def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
     assert '| 1337 | 1.6000 | 1.5000 | 768 | 1.04× | 1.06 |' in text
     assert '| 1338 | 1.6200 | 1.5500 | 777 | 1.03× | 1.07 |' in text
     assert '| 1339 | 1.5800 | 1.6500 | — | — | — |' in text
+    # Muon the same way, 0.6 s an iteration: 783.7 iterations and 470 s to AdamW's 1.6000 in 400 s
+    assert 'Best AdamW (lr 0.016) and best Muon (lr 0.004) over three seeds' in text
+    assert '| 1337 | 1.6000 | 1.5500 | 784 | 1.02× | 1.18 | 470 s of AdamW\'s 400 s |' in text
+    assert '| 1338 | 1.6200 | 1.5800 | 787 | 1.02× | 1.18 | 472 s of AdamW\'s 400 s |' in text
+    assert '| 1339 | 1.5800 | 1.6000 | — | — | — | — |' in text
+    assert ("Muon did not reach AdamW's final val loss within 800 iterations in 1 of 3 seeds; where it did, "
+            "the speed-up was 1.02×, 1.02×.") in text
+    # mean final val loss: AdamW 1.6000, Sophia-G 1.5667, Muon 1.5767
+    assert ("Sophia-G against both: its mean final val loss over three seeds is 1.5667, AdamW's 1.6000 and "
+            "Muon's 1.5767: ahead of both (-0.0333 against AdamW, -0.0100 against Muon).") in text
+    # 800 x 2,048 tokens over 400, 440 and 480 s
+    assert ("AdamW 4,096 tokens/s, Sophia-G 3,724 (0.909 of AdamW's), Muon 3,413 (0.833 of AdamW's)."
+            in text)
     assert 'trained for 1.6M\ntokens' in text
 
     # every seed reaching the target: the verdict gives the mean speed-up and its range
     (root / 'out-study' / 'sophiag-lr0.0005-rho0.2-seed1339').joinpath('metrics.jsonl').unlink()
     (root / 'out-study' / 'sophiag-lr0.0005-rho0.2-seed1339').rmdir()
     plant_cpu_run(root, Spec('sophiag', 5e-4, 0.2, 1339), 1.45, 0.55, win_rate=0.04)
-    monkeypatch.setattr(sys, 'argv', ['study.py', '--report_only', f'--root={root}'])
+    monkeypatch.setattr(sys, 'argv', ['study.py', '--report_only', f'--root={root}', '--jobs=3'])
     study.main()
     text = (root / 'assets' / 'study.md').read_text()
+    assert 'summed over the runs, three at\na time' in text
     assert '| 1339 | 1.5800 | 1.4500 | 759 | 1.05× | 1.04 |' in text  # 759.2 iterations, 417.6 s
     assert ("Sophia-G reached AdamW's final val loss in 768 of 800 iterations on average: a speed-up of "
             "1.04× in steps (range 1.03–1.05× over 3 seeds).") in text
@@ -361,7 +421,7 @@ def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', ['study.py', '--dry_run', f'--root={root}'])
     study.main()
     plan = capsys.readouterr().out
-    assert plan.count('   done    ') == 17 and plan.count('   to run  ') == 1
+    assert plan.count('   done    ') == 24 and plan.count('   to run  ') == 1
     to_run = next(line for line in plan.splitlines() if line.startswith('   to run  '))
     assert to_run.startswith('   to run  python train_adam.py ') and '--learning_rate=0.016' in to_run
     assert '--seed=1339' in to_run and f"--out_dir={root / 'out-study' / 'adamw-lr0.016-seed1339'}" in to_run
