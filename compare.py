@@ -10,7 +10,8 @@ A RUN is a run's out_dir (or the metrics.jsonl inside it), or a wandb offline ru
 (wandb/offline-run-YYYYMMDD_HHMMSS-<id>/, or the run-<id>.wandb file in it).
 
 It writes two PNGs (val loss and train loss, each against iterations, tokens and wall-clock
-seconds) and prints a table: final and best val loss, the iterations / tokens / seconds each run
+seconds; a third, HellaSwag's acc_norm, where runs scored it with --hellaswag=True) and prints a
+table (with the final HellaSwag acc_norm where a run has one): final and best val loss, the iterations / tokens / seconds each run
 needs to reach a target val loss, and the speed-up over the baseline run on each of those axes.
 Every loss is the mean cross-entropy per token in nats (natural log), as the training scripts log
 it. The train loss plotted is the logged `loss` of the train rows (the mean over the iterations
@@ -47,6 +48,8 @@ AXES = [("iter", "iterations"), ("tokens", "tokens"), ("time", "wall-clock secon
 # (measured on eval_iters batches at the eval) is not used: the train rows are denser and what
 # the optimizer actually saw.
 VAL_LOSS, TRAIN_LOSS = "val/loss", "loss"
+# HellaSwag's accuracy, in the eval rows of runs trained with --hellaswag=True
+HELLASWAG = "hellaswag/acc_norm"
 # what every loss here is, stated once per table and per plot
 LOSS_UNITS = "mean cross-entropy per token, in nats (natural log)"
 
@@ -309,6 +312,12 @@ def final_val_loss(run):
     return points[-1][VAL_LOSS] if points else None
 
 
+def final_hellaswag(run):
+    """The last logged HellaSwag acc_norm, None where the run scored none."""
+    points = [row[HELLASWAG] for row in run.eval if HELLASWAG in row]
+    return points[-1] if points else None
+
+
 def pick_baseline(runs, name_or_index=None):
     """The run named (or at that 0-based position in `runs`); by default the AdamW run with the
     lowest val loss (the tuned one in a learning-rate sweep), else the first run."""
@@ -371,7 +380,8 @@ def comparison_table(runs, baseline=None, target=None):
     for run, label in zip(runs, labels):
         row = {"run": label, "optimizer": run.optimizer, "is_baseline": run is baseline,
                "baseline": baseline_label, "target": target,
-               "final_val_loss": final_val_loss(run), "best_val_loss": best_val_loss(run)}
+               "final_val_loss": final_val_loss(run), "best_val_loss": best_val_loss(run),
+               "final_hellaswag": final_hellaswag(run)}
         for axis, name in [("iter", "iters"), ("tokens", "tokens"), ("time", "seconds")]:
             amount = to_target(run, target, axis)
             row[f"{name}_to_target"] = amount
@@ -412,14 +422,17 @@ COLUMNS = [  # (row key, header, formatter)
     ("speedup_tokens", "speed-up tokens", "{:.2f}x".format),
     ("speedup_seconds", "speed-up time", "{:.2f}x".format),
 ]
+# shown where a run scored HellaSwag
+HELLASWAG_COLUMN = ("final_hellaswag", "HellaSwag acc_norm", "{:.4f}".format)
 
 
 def format_table(rows, markdown=False):
     """The rows of comparison_table as fixed-width text, or as a Markdown table (for a README),
     followed by one line that states what the losses are, the target and how reaching it is
     measured."""
-    headers = [header for _, header, _ in COLUMNS]
-    cells = [["—" if row[key] is None else fmt(row[key]) for key, _, fmt in COLUMNS] for row in rows]
+    columns = COLUMNS + ([HELLASWAG_COLUMN] if any(row.get("final_hellaswag") is not None for row in rows) else [])
+    headers = [header for _, header, _ in columns]
+    cells = [["—" if row.get(key) is None else fmt(row[key]) for key, _, fmt in columns] for row in rows]
     for row, texts in zip(rows, cells):
         if row["is_baseline"]:
             texts[0] += " *"
@@ -458,19 +471,23 @@ def _y_limits(curves):
 
 
 LINE_STYLES = {"sophiag": "-", "adamw": "--", "muon": "-."}  # other optimizers dotted
-# each plot: (the Run attribute holding its rows, the loss key in them, name, how it is averaged)
+# each plot: (the Run attribute holding its rows, the key in them, name, what it is, its unit)
 PLOTS = {
-    "val": ("eval", VAL_LOSS, "val loss", "on the same eval_iters batches at every eval"),
-    "train": ("train", TRAIN_LOSS, "train loss", "averaged over each log interval's iterations"),
+    "val": ("eval", VAL_LOSS, "val loss", f"{LOSS_UNITS}, on the same eval_iters batches at every eval",
+            "nats"),
+    "train": ("train", TRAIN_LOSS, "train loss", f"{LOSS_UNITS}, averaged over each log interval's iterations",
+              "nats"),
+    "hellaswag": ("eval", HELLASWAG, "HellaSwag acc_norm", "the fraction of its validation items whose "
+                  "right ending has the lowest mean cross-entropy (chance: 0.25)", "fraction"),
 }
 
 
 def loss_figure(runs, which, target=None, log_x=False, title=None, target_label=None):
-    """The figure of the `which` ("val" or "train") loss, three panels: against iterations, tokens
-    and wall-clock seconds, one curve per run labelled as in run_labels (Sophia solid, AdamW
-    dashed). A dotted line marks `target`, labelled `target_label` (default: its value). None
-    when no run has a point to plot."""
-    rows_attribute, y_key, name, averaging = PLOTS[which]
+    """The figure of the `which` ("val" or "train") loss, or of HellaSwag ("hellaswag"), three
+    panels: against iterations, tokens and wall-clock seconds, one curve per run labelled as in
+    run_labels (Sophia solid, AdamW dashed, Muon dash-dotted). A dotted line marks `target`,
+    labelled `target_label` (default: its value). None when no run has a point to plot."""
+    rows_attribute, y_key, name, what, unit = PLOTS[which]
     labels = run_labels(runs)
     figure = Figure(figsize=(15, 4.5), layout="constrained")
     panels = figure.subplots(1, len(AXES))
@@ -503,12 +520,12 @@ def loss_figure(runs, which, target=None, log_x=False, title=None, target_label=
             panel.set_xscale("log", nonpositive="mask")  # iteration 0 has no place on a log axis
             panel.xaxis.set_minor_formatter(NullFormatter())  # labels on 2x, 3x... overlap
         panel.set_xlabel(x_label)
-        panel.set_ylabel(f"{name} (nats)")
+        panel.set_ylabel(f"{name} ({unit})")
         panel.grid(alpha=0.3)
         panel.legend(fontsize="small")
     if not plotted:
         return None
-    heading = f"{name}: {LOSS_UNITS}, {averaging}"
+    heading = f"{name}: {what}"
     figure.suptitle(f"{title}\n{heading}" if title else heading)
     return figure
 
@@ -516,18 +533,20 @@ def loss_figure(runs, which, target=None, log_x=False, title=None, target_label=
 def plot_runs(runs, out_prefix, target=None, log_x=False, title=None, target_label=None):
     """Write <out_prefix>_val_loss.png and <out_prefix>_train_loss.png (or val_loss.png and
     train_loss.png inside out_prefix when it is a folder): loss_figure of the val loss, with
-    `target` marked, and of the train rows' loss. Returns the paths written."""
+    `target` marked, and of the train rows' loss; and <out_prefix>_hellaswag.png where a run
+    scored HellaSwag. Returns the paths written."""
     if out_prefix.endswith(("/", os.sep)) or os.path.isdir(out_prefix):
         base = os.path.join(out_prefix, "")
     else:
         base = out_prefix + "_"
     os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
     paths = []
-    for which, figure in [("val", loss_figure(runs, "val", target, log_x, title, target_label)),
-                          ("train", loss_figure(runs, "train", None, log_x, title))]:
+    for name, figure in [("val_loss", loss_figure(runs, "val", target, log_x, title, target_label)),
+                         ("train_loss", loss_figure(runs, "train", None, log_x, title)),
+                         ("hellaswag", loss_figure(runs, "hellaswag", None, log_x, title))]:
         if figure is not None:  # a plot no run has points for is not written
-            figure.savefig(base + f"{which}_loss.png", dpi=100)
-            paths.append(base + f"{which}_loss.png")
+            figure.savefig(base + f"{name}.png", dpi=100)
+            paths.append(base + f"{name}.png")
     return paths
 
 

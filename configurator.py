@@ -54,6 +54,9 @@ def default_config():
     eval_iters = 200  # batches per split for each estimate (the same batches every time)
     log_interval = 10  # print and log a training line every this many iterations
     eval_only = False  # evaluate once and exit
+    hellaswag = False  # also score HellaSwag at every evaluation (hellaswag/acc_norm in the logs); needs GPT-2 BPE data
+    hellaswag_file = ''  # hellaswag_val.jsonl; '' = downloaded once into ~/.cache/sophia-gpt2/ (hellaswag.py)
+    hellaswag_items = 0  # score only the first hellaswag_items of its 10,042 items (quicker evaluations); 0 = all
     init_from = 'scratch'  # 'scratch'; 'resume' (the newest good checkpoint in out_dir); 'gpt2*' or a Hugging Face model dir (pretrained weights); or a checkpoint to continue in out_dir (a .pt file: ours, the official Sophia scripts' or nanoGPT's; a sharded run's .dcp folder)
     checkpoint_interval = 1000  # save a checkpoint every this many iterations, at the end, and when val improves
     always_save_checkpoint = False  # also save after every evaluation (nanoGPT's and the official scripts' key)
@@ -331,7 +334,7 @@ def check_config(config, sources, world_size=1, local_world_size=None, recipe=No
              'eval_interval', 'eval_iters', 'log_interval', 'checkpoint_interval', 'keep_last',
              'max_nonfinite', 'ddp_timeout')
     non_negative('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay',
-                 'grad_clip', 'dropout', 'gradient_accumulation_steps', 'total_bs')
+                 'grad_clip', 'dropout', 'gradient_accumulation_steps', 'total_bs', 'hellaswag_items')
     if config['n_embd'] % config['n_head'] != 0:
         fail(f"{show('n_embd')} is not divisible by {show('n_head')}")
     if config['dropout'] >= 1:

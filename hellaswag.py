@@ -31,15 +31,15 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from configurator import PRETRAINED, ConfigError, describe_defaults, format_help, parse_args, \
-    wants_help
+from configurator import (PRETRAINED, ConfigError, UserError, describe_defaults, format_help, parse_args,
+                          wants_help)
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding
 
 HELLASWAG_URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 HELLASWAG_ITEMS = 10042  # the validation set; a download with fewer lines was cut short
 
 
-class HellaSwagError(Exception):
+class HellaSwagError(UserError):
     """A mistake the user can fix (the items, the model); the message is one line."""
 
 
@@ -128,6 +128,20 @@ def load_items(data_file=''):
     if not os.path.exists(path):
         download(path)
     return parse_items(path)
+
+def items_for_training(data_file, max_items, vocab_size):
+    """The items the training loop scores at every evaluation (hellaswag=True), checked before the
+    run starts: a GPT-2 BPE model, the items (downloaded where missing: every process reads the same
+    file) and the GPT-2 BPE ranks to render them with."""
+    if vocab_size < GPT2_VOCAB_SIZE:
+        raise HellaSwagError(f"hellaswag=True needs a model of GPT-2 BPE (this one's vocabulary has "
+                             f"{vocab_size} tokens); train on a GPT-2 BPE dataset or drop --hellaswag")
+    items = load_items(data_file)
+    try:
+        gpt2_encoding()
+    except (RuntimeError, OSError) as e:  # no ranks: offline, or GPT2_RANKS_FILE unreadable
+        raise HellaSwagError(' '.join(str(e).split())) from None
+    return items[:max_items] if max_items > 0 else items
 
 # -----------------------------------------------------------------------------
 # scoring

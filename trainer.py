@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import distributed
+import hellaswag
 import resume
 from batches import EVAL_STREAMS, TRAIN_STREAM, TokenFiles, check_token_ids, get_batch, open_dataset
 from configurator import (UserError, batch_plan, check_config, default_config, describe_defaults,
@@ -61,6 +62,7 @@ class Run:
     data: TokenFiles
     rank: int
     world_size: int
+    hellaswag: list = None  # the HellaSwag items scored at every evaluation (hellaswag=True)
     params: list = field(init=False)
     flags: torch.Tensor = field(init=False)  # (non-finite step, stop requested), agreed on every iteration
 
@@ -207,19 +209,38 @@ def estimate_loss(run):
     run.model.train()
     return out
 
+def score_hellaswag(run):
+    """HellaSwag accuracy of the model, each process scoring its share of the items (hellaswag.py):
+    {'hellaswag/acc_norm': ..., 'hellaswag/acc': ..., 'hellaswag/items': ...}."""
+    items = run.hellaswag
+    if run.sharded:  # FSDP's forward gathers from every process: each runs as many
+        items = items[:len(items) // run.world_size * run.world_size]
+    with run.autocast:
+        counts = hellaswag.score_items(run.raw_model, items, run.device, run.rank, run.world_size)
+    total = torch.tensor([counts['items'], counts['acc'], counts['acc_norm']], dtype=torch.float32,
+                         device=run.device)  # counts up to 2**24 are exact
+    if run.world_size > 1:
+        dist.all_reduce(total)
+    scored, right, right_norm = total.tolist()
+    return {'hellaswag/acc_norm': right_norm / scored, 'hellaswag/acc': right / scored,
+            'hellaswag/items': int(scored)}
+
 def evaluate(run, state, log):
-    """Estimate train and val loss, log them with how long it took; returns whether val improved."""
+    """Estimate train and val loss (and score HellaSwag where asked), log them with how long it
+    took; returns whether val improved."""
     started = time.time()
     losses = estimate_loss(run)
+    scores = score_hellaswag(run) if run.hellaswag else {}
     state.eval_seconds = time.time() - started
     is_best = losses['val'] < state.best_val_loss
     state.best_val_loss = min(state.best_val_loss, losses['val'])
     if log is not None:
-        print(f"step {state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-              f"(evaluation {state.eval_seconds:.1f} s)")
+        print(f"step {state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+              + (f", hellaswag acc_norm {scores['hellaswag/acc_norm']:.4f} ({scores['hellaswag/items']:,} "
+                 f"items)" if scores else '') + f" (evaluation {state.eval_seconds:.1f} s)")
         log.write({'kind': 'eval', 'iter': state.iter_num, 'tokens': state.iter_num * run.tokens_per_iter,
                    'time': state.train_time, 'train/loss': losses['train'], 'val/loss': losses['val'],
-                   'lr': get_lr(state.iter_num, run.config), 'eval_seconds': state.eval_seconds})
+                   **scores, 'lr': get_lr(state.iter_num, run.config), 'eval_seconds': state.eval_seconds})
     return is_best
 
 def save(run, state, model_args, is_best):
@@ -296,6 +317,8 @@ def setup(recipe_class, config, sources, plan, rank, world_size, local_world_siz
 
     model, model_args = resume.build_model(config, dataset_vocab, start)
     check_token_ids(paths, model_args['vocab_size'], config['dataset'])
+    items = hellaswag.items_for_training(config['hellaswag_file'], config['hellaswag_items'],
+                                         model_args['vocab_size']) if config['hellaswag'] else None
     sharded = config['data_parallel'] != 'ddp'
     if not sharded:  # fully_shard moves one block at a time and keeps its shard: no whole model on a GPU
         model.to(device)
@@ -322,7 +345,7 @@ def setup(recipe_class, config, sources, plan, rank, world_size, local_world_siz
         model = DDP(model, device_ids=[int(device[5:])] if device_type == 'cuda' else None)
     data = TokenFiles(paths, config['dataset'], model_args['vocab_size'], config['batch_size'],
                       config['block_size'], device)
-    run = Run(config, recipe, model, raw_model, optimizer, scaler, autocast, plan, data, rank, world_size)
+    run = Run(config, recipe, model, raw_model, optimizer, scaler, autocast, plan, data, rank, world_size, items)
     state = RunState.continuing(start, start_path) if start is not None else RunState()
     return run, state, model_args, exact
 
