@@ -50,5 +50,6 @@ lr_decay_iters = 18865
 warmup_iters = 700
 eval_interval = 250  # llm.c's -v 250
 eval_iters = 80  # 80 x 16 x 1024 = 1.3M val tokens per process, llm.c's 20 batches of 64 x 1024
+hellaswag = True  # llm.c's -h 1: HellaSwag's 10,042 items at every evaluation, split over the processes
 log_interval = 10
 checkpoint_interval = 1000
