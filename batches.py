@@ -68,8 +68,16 @@ def open_dataset(dataset, block_size):
     meta_path = os.path.join(data_dir, 'meta.pkl')
     if os.path.exists(meta_path):
         import pickle
-        with open(meta_path, 'rb') as f:
-            vocab_size = pickle.load(f)['vocab_size']
+        try:
+            with open(meta_path, 'rb') as f:
+                meta = pickle.load(f)
+            vocab_size = meta['vocab_size']
+        except Exception as e:  # truncated, not a pickle, or another file under that name
+            raise UserError(f"{meta_path} cannot be read ({type(e).__name__}: {e}); "
+                            f"{prepare_command(dataset)}")
+        if type(vocab_size) is not int or vocab_size <= 0:
+            raise UserError(f"{meta_path} gives vocab_size={vocab_size!r}, not a positive integer; "
+                            f"{prepare_command(dataset)}")
     return vocab_size, paths
 
 def model_vocab_size(dataset_vocab):

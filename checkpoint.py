@@ -31,6 +31,8 @@ import torch
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = re.compile(r'^ckpt-(\d+)\.(pt|dcp)$')  # a file, or the folder of a sharded run
+MANIFEST_NAME = re.compile(r'^ckpt-\d+\.json$')
+ORPHAN_UNLESS = ('.pt', '.dcp', '.pt.damaged', '.dcp.damaged')  # what a manifest belongs to
 TEMPORARY_NAME = re.compile(r'^(ckpt-\d+|best)\.(pt|json|dcp)\.(tmp|old)\d+$')  # a write that a crash cut short
 
 class CheckpointError(Exception):
@@ -164,6 +166,8 @@ def verify(pt_path):
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{json_path} is unreadable: {e}")
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{json_path} is damaged: it holds a {type(manifest).__name__}, not a manifest")
     if manifest.get('format_version', 0) > FORMAT_VERSION:
         raise CheckpointError(f"{pt_path} has format version {manifest['format_version']}, newer than "
                               f"this code's {FORMAT_VERSION}: update the code to resume it")
@@ -226,10 +230,13 @@ def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model
     out_dir holds no checkpoint at all. Raises CheckpointError when none is usable."""
     problems = []
     if quarantine and os.path.isdir(out_dir):
-        for name in os.listdir(out_dir):
+        names = set(os.listdir(out_dir))
+        for name in names:
+            path = os.path.join(out_dir, name)
             if TEMPORARY_NAME.match(name):  # left by a killed run: as large as a checkpoint
-                path = os.path.join(out_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            elif MANIFEST_NAME.match(name) and not {name[:-5] + suffix for suffix in ORPHAN_UNLESS} & names:
+                os.remove(path)  # a manifest whose checkpoint a kill during rotation or a write left out
     for iter_num in list_checkpoints(out_dir):
         pt_path = checkpoint_path(out_dir, f"ckpt-{iter_num:08d}")
         try:

@@ -309,13 +309,19 @@ class Checks:
 
     def positive(self, *keys):
         for key in keys:
-            if self.config[key] <= 0:
+            if not self.config[key] > 0:  # NaN too
                 self.fail(f"{self.show(key)}: must be > 0")
+            self.finite(key)
 
     def non_negative(self, *keys):
         for key in keys:
-            if self.config[key] < 0:
+            if not self.config[key] >= 0:  # NaN too
                 self.fail(f"{self.show(key)}: must be >= 0")
+            self.finite(key)
+
+    def finite(self, key):
+        if self.config[key] == float('inf'):
+            self.fail(f"{self.show(key)}: must be finite")
 
     def one_of(self, key, allowed):
         if self.config[key] not in allowed:
@@ -335,6 +341,8 @@ def check_config(config, sources, world_size=1, local_world_size=None, recipe=No
              'max_nonfinite', 'ddp_timeout')
     non_negative('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay',
                  'grad_clip', 'dropout', 'gradient_accumulation_steps', 'total_bs', 'hellaswag_items')
+    if not 0 <= config['seed'] < 2 ** 63:  # seed + rank seeds torch, which takes at most 64 bits
+        fail(f"{show('seed')}: must be in [0, 2**63)")
     if config['n_embd'] % config['n_head'] != 0:
         fail(f"{show('n_embd')} is not divisible by {show('n_head')}")
     if config['dropout'] >= 1:

@@ -21,6 +21,25 @@ class MetricsLog:
     mirrored to wandb when enabled."""
     def __init__(self, path, wandb_run):
         self.path, self.wandb_run = path, wandb_run
+        self.set_cut_line_aside()
+
+    def set_cut_line_aside(self):
+        """A kill in the middle of a write leaves a last line without its newline: move it to
+        <path>.damaged, so the next row starts a line of its own and every line stays JSON."""
+        try:
+            with open(self.path, 'rb') as f:
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if not data or data.endswith(b'\n'):
+            return
+        end = data.rfind(b'\n') + 1  # 0: the first line was cut
+        with open(self.path + '.damaged', 'ab') as f:
+            f.write(data[end:] + b'\n')
+        with open(self.path, 'r+b') as f:
+            f.truncate(end)
+        print(f"warning: the last line of {self.path} was cut short ({len(data) - end} bytes, a kill while "
+              f"writing); moved to {self.path}.damaged")
     def write(self, row):
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, 'a') as f:

@@ -287,12 +287,17 @@ class SophiaGRecipe(Recipe):
 
     def describe(self, run):
         steps = self.hess_micro_steps
-        return (f"\nHessian pass after every {self.config['hess_interval']}th step: {steps} "
+        return (f"\nHessian pass after every {ordinal(self.config['hess_interval'])} step: {steps} "
                 f"micro-batch{'es' if steps > 1 else ''} per process, {self.hessian_tokens:,} tokens "
                 f"(bs = {self.bs:,})")
 
     def extra_tokens_per_iter(self, run):
         return self.hessian_tokens / self.config['hess_interval']
+
+def ordinal(n):
+    """'1st', '2nd', '3rd', '4th', '11th', '12th', '13th', '21st', ..."""
+    suffix = 'th' if n % 100 in (11, 12, 13) else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')
+    return f"{n}{suffix}"
 
 def sampled_loss(model, X, autocast):
     """Mean cross-entropy against labels drawn from the model's own softmax at every position:

@@ -9,6 +9,7 @@ iteration and best val loss carry over.
 
 import math
 import os
+import re
 
 import torch
 
@@ -39,10 +40,32 @@ def prepare_out_dir(out_dir, resuming, master):
             raise UserError(f"out_dir={out_dir!r} already holds a run ({held[0]}); continue it with "
                             f"--init_from=resume, or choose another --out_dir")
 
+LOG = 'metrics.jsonl'
+
+def earlier_logs(out_dir):
+    """The logs of earlier attempts in out_dir: metrics.jsonl, and those set aside as
+    metrics-<n>.jsonl by starts over (set_log_aside)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(name for name in os.listdir(out_dir) if re.fullmatch(r'metrics(-\d+)?\.jsonl', name))
+
+def set_log_aside(out_dir):
+    """An attempt that stopped before its first checkpoint left only its log: keep it under the
+    next free name metrics-<n>.jsonl, so the run that starts over logs from iteration 0 alone in
+    metrics.jsonl (what compare.py reads). Returns the new name, None when there was no log."""
+    if not os.path.exists(os.path.join(out_dir, LOG)):
+        return None
+    n = 1
+    while os.path.exists(os.path.join(out_dir, f'metrics-{n}.jsonl')):
+        n += 1
+    os.replace(os.path.join(out_dir, LOG), os.path.join(out_dir, f'metrics-{n}.jsonl'))
+    return f'metrics-{n}.jsonl'
+
 def load_start(config, recipe, master, device):
     """The checkpoint a run continues: with init_from='resume' the newest good one in out_dir, with
     init_from a .pt file or a sharded run's .dcp folder that one (read_checkpoint_file). Returns
-    (state, path), (None, None) for a new model. The state is in this repository's checkpoint
+    (state, path), (None, None) for a new model, also when resuming an out_dir whose earlier
+    attempt stopped before its first checkpoint (a log but no checkpoint). The state is in this repository's checkpoint
     format (see save); a sharded one's tensors are loaded later, into the built model (setup)."""
     init_from = config['init_from']
     if init_from == 'resume':
@@ -53,8 +76,10 @@ def load_start(config, recipe, master, device):
         except checkpoint.CheckpointError as e:
             raise UserError(str(e))
         if state is None:
-            raise UserError(f"--init_from=resume but {config['out_dir']} holds no checkpoint; "
-                            f"start with --init_from=scratch")
+            if not earlier_logs(config['out_dir']):
+                raise UserError(f"--init_from=resume but {config['out_dir']} holds no checkpoint; "
+                                f"start with --init_from=scratch")
+            return None, None  # an attempt that stopped before its first checkpoint: start over
     elif init_from.endswith(('.pt', '.dcp')):
         state, path = read_checkpoint_file(init_from.rstrip(os.sep), device), init_from.rstrip(os.sep)
     else:
@@ -136,7 +161,7 @@ def build_model(config, dataset_vocab, start_state):
         model = GPT(GPTConfig(**model_args))
         if 'sharded' not in start_state:  # a sharded checkpoint loads once the model is (setup)
             model.load_state_dict(start_state['model'])
-    elif config['init_from'] == 'scratch':
+    elif config['init_from'] in ('scratch', 'resume'):  # resume: nothing to resume yet (load_start)
         model = GPT(GPTConfig(**model_args))
     else:
         model = GPT.from_pretrained(config['init_from'], dict(dropout=config['dropout']))

@@ -275,7 +275,8 @@ def nonfinite_step(run, state):
             f"iteration {state.iter_num}; "
             + (f"the last good checkpoint is {state.checkpoint}. Lower the learning rate (or raise rho for "
                f"Sophia) and resume from it" if state.checkpoint else
-               "no checkpoint was saved yet. Lower the learning rate (or raise rho for Sophia) and start again"), 1)
+               "no checkpoint was saved yet. Lower the learning rate (or raise rho for Sophia) and start again "
+               "with --init_from=resume (from scratch, this attempt's log kept)"), 1)
 
 def stop_run(run, state, stop_flag):
     """The stop every process agreed on: the checkpoint is written; wait for it, then exit."""
@@ -301,6 +302,13 @@ def setup(recipe_class, config, sources, plan, rank, world_size, local_world_siz
         dist.barrier()  # out_dir exists before any process looks into it
     dataset_vocab, paths = open_dataset(config['dataset'], config['block_size'])
     start, start_path = resume.load_start(config, recipe_class, master, device)
+    if start is None and config['init_from'] == 'resume':  # nothing to resume but a log: start over
+        if world_size > 1:
+            dist.barrier()  # every process has looked for a log before process 0 moves it
+        if master:
+            kept = resume.set_log_aside(config['out_dir'])
+            print(f"{config['out_dir']} holds no checkpoint yet: starting from scratch"
+                  + (f" (the earlier attempt's log kept as {kept})" if kept else ''))
     if start is not None:
         resume.adopt_model_args(config, sources, start['model_args'], start_path)
         if master:
@@ -378,10 +386,11 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
     while True:
         # evaluate and save at the top of the iteration: the state is that after iter_num steps.
         # The first iteration is evaluated unless it continues a checkpoint of ours, which was
-        # evaluated when it was saved
+        # evaluated when it was saved (eval_only evaluates it all the same: that is all it does)
         evaluated = is_best = False
         due = state.iter_num % config['eval_interval'] == 0 or state.iter_num == config['max_iters']
-        if (not exact if state.iter_num == start_iter else due) and not stop:
+        first = config['eval_only'] or not exact
+        if (first if state.iter_num == start_iter else due) and not stop:
             is_best, evaluated = evaluate(run, state, log), True
         if config['eval_only']:
             break

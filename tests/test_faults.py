@@ -563,7 +563,8 @@ def finished_run(dataset, tmp_path_factory):
 
 def damaged_dataset(dataset, folder, kind):
     """A copy of the tiny dataset: with an empty train.bin, or with token ids from another, larger
-    vocabulary ('foreign'), or with a meta.pkl that claims a vocabulary smaller than its ids ('small')."""
+    vocabulary ('foreign'), or with a meta.pkl that claims a vocabulary smaller than its ids ('small'),
+    that is cut short ('meta') or that lacks the vocabulary size ('novocab')."""
     shutil.copytree(dataset, folder)
     if kind == 'empty':
         open(os.path.join(folder, 'train.bin'), 'wb').close()
@@ -574,6 +575,12 @@ def damaged_dataset(dataset, folder, kind):
     if kind in ('foreign', 'small'):
         with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
             pickle.dump({'vocab_size': 2000 if kind == 'foreign' else 10}, f)
+    if kind == 'meta':  # cut short
+        with open(os.path.join(folder, 'meta.pkl'), 'r+b') as f:
+            f.truncate(10)
+    if kind == 'novocab':
+        with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
+            pickle.dump({'stoi': {}}, f)
     return folder
 
 def config_file(tmp, text):
@@ -638,7 +645,7 @@ BAD_INPUTS = {
         'run', ['compile', 'a boolean']),
     'Sophia key given to AdamW': (
         lambda d, o, t, m: ('adamw', resume(d, o, sophia=False) + ['--rho=0.05']),
-        'run', ["'rho' is not a config key"]),
+        'run', ["'rho' is a key of Sophia-G, which train_sophiag.py trains"]),
     'negative gradient accumulation': (
         lambda d, o, t, m: ('sophiag', resume(d, o) + ['--gradient_accumulation_steps=-1']),
         'run', ['gradient_accumulation_steps=-1', 'must be >= 0']),
@@ -686,6 +693,28 @@ BAD_INPUTS = {
     'unknown init_from': (
         lambda d, o, t, m: ('sophiag', tiny_args(d, o, init_from='gpt3')),
         'run', ["init_from='gpt3'", 'expected scratch, resume']),
+    'malformed meta.pkl': (
+        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'meta'), 'meta'), o)),
+        'run', [os.path.join('meta', 'meta.pkl'), 'cannot be read (UnpicklingError']),
+    'meta.pkl without a vocabulary': (
+        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'novocab'), 'novocab'), o)),
+        'run', [os.path.join('novocab', 'meta.pkl'), "cannot be read (KeyError: 'vocab_size')"]),
+    'a manifest that is JSON but no object': (
+        lambda d, o, t, m: (open(finished_checkpoint(t)[:-3] + '.json', 'w').write('[1, 2]'),
+                            ('sophiag', tiny_args(d, o, init_from=finished_checkpoint(t))))[-1],
+        'files', ['ckpt-00000004.json is damaged: it holds a list, not a manifest']),
+    'a negative seed': (
+        lambda d, o, t, m: ('sophiag', resume(d, o, seed=-1)),
+        'run', ['seed=-1 (argument --seed=-1): must be in [0, 2**63)']),
+    'a seed past 64 bits': (
+        lambda d, o, t, m: ('sophiag', resume(d, o, seed=2 ** 64)),
+        'run', [f'seed={2 ** 64}', 'must be in [0, 2**63)']),
+    'a NaN learning rate in a config file': (
+        lambda d, o, t, m: ('sophiag', resume(d, o) + [config_file(t, "learning_rate = float('nan')\n")]),
+        'run', ['learning_rate=nan', 'config.py:1', 'must be > 0']),
+    'an infinite learning rate': (
+        lambda d, o, t, m: ('sophiag', resume(d, o, learning_rate='1e999')),
+        'run', ['learning_rate=inf', 'must be finite']),
     'missing config file': (
         lambda d, o, t, m: ('sophiag', [os.path.join(t, 'nope.py')] + resume(d, o)),
         'run', ['nope.py not found']),
@@ -743,6 +772,7 @@ FOUND_BEFORE_TRAIN = {
     'mistyped value on the command line', 'mistyped boolean', 'Sophia key given to AdamW',
     'negative gradient accumulation', 'processes x batch x accumulation is not total_bs',
     'total_bs that the processes cannot split', 'unknown init_from', 'missing config file',
+    'a negative seed', 'a seed past 64 bits', 'a NaN learning rate in a config file', 'an infinite learning rate',
     'device=cuda without CUDA', 'nccl backend on a CPU', "an official config's optimizer_name for the other script",
     'FSDP on a device it cannot run on', 'HSDP shard groups that do not divide the processes', 'Sophia-H under FSDP',
     'dtype=bfloat16 on a GPU without it',

@@ -1,0 +1,158 @@
+"""What a relaunch on a cluster meets: an out_dir whose attempt stopped before its first checkpoint
+(killed, max_iters=0, eval_only, a non-finite stop), continued by the one documented command
+--init_from=resume; eval_only of a checkpoint; a metrics.jsonl whose last line a kill cut; a
+manifest a kill during rotation left without its checkpoint. Runs go through trainer.main in this
+process (helpers.run_main), a kill through the real script."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, call_main, make_char_dataset, read_metrics, run_main, tiny_args, train_losses
+
+sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
+import trainer  # noqa: E402
+
+RUN = dict(max_iters=6, lr_decay_iters=6, checkpoint_interval=100, eval_interval=3)  # one checkpoint: the last
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    return make_char_dataset(str(tmp_path_factory.mktemp('data') / 'tiny_char'))
+
+@pytest.fixture(scope='module')
+def straight(dataset, tmp_path_factory):
+    """RUN from scratch, uninterrupted."""
+    out = str(tmp_path_factory.mktemp('straight') / 'out')
+    assert run_main(tiny_args(dataset, out, **RUN)) == 0
+    return out
+
+def final_state(out_dir):
+    return checkpoint.load_checkpoint(os.path.join(out_dir, f"ckpt-{RUN['max_iters']:08d}.pt"))
+
+def assert_same_run(out_dir, straight):
+    a, b = final_state(out_dir), final_state(straight)
+    assert a['model'].keys() == b['model'].keys()
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+    for index, per_param in a['optimizer']['state'].items():
+        for key, value in per_param.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b['optimizer']['state'][index][key]))
+    assert train_losses(out_dir) == train_losses(straight)
+
+def killed_before_its_first_checkpoint(tmp_path, dataset, out, monkeypatch, capsys):
+    """The real script, killed with SIGKILL once it has logged iteration 2 of thousands."""
+    args = tiny_args(dataset, out, **dict(RUN, max_iters=10000, lr_decay_iters=10000, checkpoint_interval=10000,
+                                          eval_interval=10000))
+    with open(tmp_path / 'killed.err', 'w') as err:
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, 'train_sophiag.py')] + args, cwd=ROOT, stdout=err, stderr=err,
+            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    log = os.path.join(out, 'metrics.jsonl')
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(log) and any(row['kind'] == 'train' and row['iter'] >= 2 for row in read_metrics(out)):
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, (tmp_path / 'killed.err').read_text()[-2000:]
+
+def nonfinite_stop(tmp_path, dataset, out, monkeypatch, capsys):
+    """Every training loss NaN: max_nonfinite=2 stops the run at iteration 1, before any checkpoint."""
+    real = trainer.forward_loss
+    monkeypatch.setattr(trainer, 'forward_loss', lambda model, *args: real(model, *args) * float('nan')
+                        if model.training else real(model, *args))
+    status, _, err = call_main(capsys, tiny_args(dataset, out, **dict(RUN, max_nonfinite=2)))
+    monkeypatch.undo()
+    assert status == 1
+    assert err.strip().splitlines()[-1].endswith(
+        'no checkpoint was saved yet. Lower the learning rate (or raise rho for Sophia) and start again with '
+        "--init_from=resume (from scratch, this attempt's log kept)")
+
+ATTEMPTS = {
+    'killed before its first checkpoint': killed_before_its_first_checkpoint,
+    'max_iters=0': lambda t, d, o, m, c: run_main(tiny_args(d, o, **dict(RUN, max_iters=0))) == 0 or pytest.fail(),
+    'eval_only from scratch': lambda t, d, o, m, c: run_main(tiny_args(d, o, **RUN) + ['--eval_only=True']) == 0
+    or pytest.fail(),
+    'a non-finite stop': nonfinite_stop,
+}
+
+@pytest.mark.parametrize('attempt', list(ATTEMPTS))
+def test_an_attempt_without_a_checkpoint_is_continued_by_resume(tmp_path, dataset, straight, monkeypatch, capsys,
+                                                                attempt):
+    """The attempt leaves a log and no checkpoint; --init_from=scratch still refuses the out_dir
+    (it holds a run), and --init_from=resume starts over from scratch, keeping the attempt's log
+    as metrics-1.jsonl byte for byte, and ends exactly as a run that was never interrupted."""
+    out = str(tmp_path / 'out')
+    ATTEMPTS[attempt](tmp_path, dataset, out, monkeypatch, capsys)
+    assert checkpoint.list_checkpoints(out) == [] and os.path.exists(os.path.join(out, 'metrics.jsonl'))
+    with open(os.path.join(out, 'metrics.jsonl'), 'rb') as f:
+        earlier = f.read()
+    status, _, err = call_main(capsys, tiny_args(dataset, out, **RUN))
+    assert status == 2 and 'already holds a run (metrics.jsonl); continue it with --init_from=resume' in err
+    status, stdout, _ = call_main(capsys, tiny_args(dataset, out, init_from='resume', **RUN))
+    assert status == 0
+    assert f"{out} holds no checkpoint yet: starting from scratch (the earlier attempt's log kept as " \
+           f"metrics-1.jsonl)" in stdout
+    with open(os.path.join(out, 'metrics-1.jsonl'), 'rb') as f:
+        assert f.read() == earlier
+    assert_same_run(out, straight)
+    assert [row['kind'] for row in read_metrics(out)][0] == 'config'  # a log of this run alone
+    assert sorted(os.listdir(out)) == ['best.json', 'best.pt', 'ckpt-00000003.json', 'ckpt-00000003.pt',
+                                       'ckpt-00000006.json', 'ckpt-00000006.pt', 'metrics-1.jsonl', 'metrics.jsonl']
+
+def test_a_second_start_over_keeps_both_earlier_logs(tmp_path, dataset, capsys):
+    out = str(tmp_path / 'out')
+    for init_from in ('scratch', 'resume'):
+        assert run_main(tiny_args(dataset, out, init_from=init_from, **dict(RUN, max_iters=0))) == 0
+    status, stdout, _ = call_main(capsys, tiny_args(dataset, out, init_from='resume', **dict(RUN, max_iters=0)))
+    assert status == 0 and "(the earlier attempt's log kept as metrics-2.jsonl)" in stdout
+    assert {'metrics.jsonl', 'metrics-1.jsonl', 'metrics-2.jsonl'} <= set(os.listdir(out))
+
+def test_eval_only_evaluates_the_checkpoint_it_continues(tmp_path, dataset, straight, capsys):
+    """--eval_only=True with --init_from=resume, or with a checkpoint file into another out_dir,
+    prints the losses of the checkpoint's model and writes no checkpoint."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(straight, out)
+    checkpoints = {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)
+                   if name != 'metrics.jsonl'}
+    status, stdout, _ = call_main(capsys, tiny_args(dataset, out, init_from='resume', eval_only=True, **RUN))
+    assert status == 0
+    evaluated = [line for line in stdout.splitlines() if line.startswith('step ')]
+    assert len(evaluated) == 1 and evaluated[0].startswith('step 6: train loss ')
+    assert read_metrics(out, 'eval')[-1]['val/loss'] == read_metrics(straight, 'eval')[-1]['val/loss']
+    assert {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)
+            if name != 'metrics.jsonl'} == checkpoints
+    other = str(tmp_path / 'other')
+    status, stdout, _ = call_main(capsys, tiny_args(dataset, other, eval_only=True, **RUN)
+                                  + [f"--init_from={os.path.join(straight, 'ckpt-00000006.pt')}"])
+    assert status == 0 and 'step 6: train loss ' in stdout
+    assert checkpoint.list_checkpoints(other) == []
+
+def test_a_cut_log_line_and_an_orphan_manifest_are_set_aside_on_resume(tmp_path, dataset, capsys):
+    """A kill while a row was written leaves half a line: the resume moves it to
+    metrics.jsonl.damaged and the log stays one JSON object per line. A kill during rotation
+    leaves a manifest without its checkpoint: the resume deletes it."""
+    out = str(tmp_path / 'out')
+    assert run_main(tiny_args(dataset, out, **dict(RUN, max_iters=3, checkpoint_interval=3))) == 0
+    with open(os.path.join(out, 'metrics.jsonl'), 'ab') as f:
+        f.write(b'{"kind": "train", "iter": 4, "lo')
+    shutil.copyfile(os.path.join(out, 'ckpt-00000003.json'), os.path.join(out, 'ckpt-00000001.json'))
+    status, stdout, _ = call_main(capsys, tiny_args(dataset, out, init_from='resume', **RUN))
+    assert status == 0
+    assert f"warning: the last line of {out}/metrics.jsonl was cut short (32 bytes" in stdout
+    with open(os.path.join(out, 'metrics.jsonl.damaged'), 'rb') as f:
+        assert f.read() == b'{"kind": "train", "iter": 4, "lo\n'
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        rows = [json.loads(line) for line in f]  # every line whole
+    assert [row['iter'] for row in rows if row['kind'] == 'train'] == [1, 2, 3, 4, 5, 6]
+    assert not os.path.exists(os.path.join(out, 'ckpt-00000001.json'))
+    assert 'Hessian pass after every 3rd step' in stdout
