@@ -103,18 +103,30 @@ def save_checkpoint(out_dir, state, iter_num, keep_last, is_best):
         if os.path.isdir(os.path.join(out_dir, 'best.dcp')):  # a sharded best from before: this one is newer
             shutil.rmtree(os.path.join(out_dir, 'best.dcp'))
         best_pt, best_json = checkpoint_paths(out_dir, 'best')
-        for source, target in ((pt_path, best_pt), (json_path, best_json)):
-            tmp = f"{target}.tmp{os.getpid()}"
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            try:
-                os.link(source, tmp)  # no second copy of the bytes where the filesystem allows
-            except OSError:
-                write_atomic(tmp, lambda f, s=source: f.write(open(s, 'rb').read()))
-            os.replace(tmp, target)
+        # the manifest first, as for every checkpoint. It also lists the best.pt still in place
+        # ('previous'): a crash before best.pt is replaced leaves that one, which still verifies
+        best = dict(manifest, previous=previous_best(best_json))
+        write_atomic(best_json, lambda f: f.write(json.dumps(best, indent=1).encode()))
+        tmp = f"{best_pt}.tmp{os.getpid()}"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(pt_path, tmp)  # no second copy of the bytes where the filesystem allows
+        except OSError:
+            write_atomic(tmp, lambda f: f.write(open(pt_path, 'rb').read()))
+        os.replace(tmp, best_pt)
     fsync_dir(out_dir)
     rotate(out_dir, keep_last)
     return pt_path
+
+def previous_best(best_json):
+    """Size and sha256 of the best.pt that best_json describes, None without one."""
+    try:
+        with open(best_json) as f:
+            manifest = json.load(f)
+        return {key: manifest[key] for key in ('bytes', 'sha256')}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 def list_checkpoints(out_dir):
     """Iterations of the checkpoints (ckpt-*.pt files and ckpt-*.dcp folders) in out_dir, newest first."""
@@ -180,10 +192,12 @@ def verify(pt_path):
     for path, entry in files.items():
         if not os.path.isfile(path):
             raise CheckpointError(f"{pt_path} is incomplete: {os.path.basename(path)} is missing")
+        # best.json also lists the best.pt it replaces, still in place until the rename that follows it
+        candidates = [entry] + ([entry['previous']] if isinstance(entry.get('previous'), dict) else [])
         size = os.path.getsize(path)
-        if size != entry.get('bytes'):
+        if size not in [candidate.get('bytes') for candidate in candidates]:
             raise CheckpointError(f"{path} is truncated or damaged: {size} bytes, expected {entry.get('bytes')}")
-        if file_digest(path)[1] != entry.get('sha256'):
+        if file_digest(path)[1] not in [candidate.get('sha256') for candidate in candidates]:
             raise CheckpointError(f"{path} is damaged: its sha256 does not match {os.path.basename(json_path)}")
     return manifest
 

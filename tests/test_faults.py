@@ -404,6 +404,28 @@ def test_a_write_cut_short_leaves_no_checkpoint_that_fails_to_verify(tmp_path, m
     assert loaded['iter_num'] == 2 and path.endswith('ckpt-00000002.pt')
     assert not os.path.exists(stale)
 
+@pytest.mark.parametrize('at', ['best.json', 'best.pt'])  # a kill at the rename to that name
+def test_a_kill_while_best_is_replaced_leaves_a_best_that_verifies(tmp_path, monkeypatch, at):
+    """best.pt keeps its name from one best to the next: its manifest is published first and also
+    lists the best.pt it replaces, so a kill between the two renames leaves the previous best,
+    which verifies and loads (sample.py reads best.pt)."""
+    out = str(tmp_path)
+    state = dict(format_version=checkpoint.FORMAT_VERSION, weights=torch.arange(10000.0))
+    checkpoint.save_checkpoint(out, dict(state, iter_num=2), 2, keep_last=3, is_best=True)
+    replace = os.replace
+    def cut(a, b):
+        if b.endswith(at):
+            raise Killed()
+        replace(a, b)
+    monkeypatch.setattr(os, 'replace', cut)
+    with pytest.raises(Killed):
+        checkpoint.save_checkpoint(out, dict(state, iter_num=4, weights=-state['weights']), 4, keep_last=3,
+                                   is_best=True)
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(os.path.join(out, 'best.pt'))['iter_num'] == 2
+    checkpoint.save_checkpoint(out, dict(state, iter_num=6), 6, keep_last=3, is_best=True)
+    assert checkpoint.load_checkpoint(os.path.join(out, 'best.pt'))['iter_num'] == 6
+
 # -----------------------------------------------------------------------------
 # non-finite losses, gradients and Hessian passes
 
