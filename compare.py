@@ -522,7 +522,9 @@ def loss_figure(runs, which, target=None, log_x=False, title=None, target_label=
         panel.set_xlabel(x_label)
         panel.set_ylabel(f"{name} ({unit})")
         panel.grid(alpha=0.3)
-        panel.legend(fontsize="small")
+        # losses fall and accuracies rise: the corner the late, flat part leaves empty, not the
+        # steep start that matplotlib's "best" often covers
+        panel.legend(fontsize="small", loc="upper right" if unit == "nats" else "lower right")
     if not plotted:
         return None
     heading = f"{name}: {what}"
