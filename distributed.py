@@ -103,11 +103,15 @@ def gather_rng_states(world_size, device):
     dist.all_gather_object(states, state)
     return states
 
+# what asks a run to save and stop: kill's default, Ctrl-C, a closed terminal (torchrun passes it
+# on), and SLURM's `--signal=USR1@<seconds>` before a pre-emption or the end of the time limit
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
 class SignalFlag:
-    """SIGTERM / SIGINT ask the loop to finish the current iteration, save and exit; a second
-    signal exits at once, even while the main thread is inside a long kernel. A SIGINT and a
-    SIGTERM within a second count as one: Ctrl-C under torchrun reaches a worker from the terminal
-    and again from torchrun.
+    """SIGTERM, SIGINT, SIGHUP and SIGUSR1 (STOP_SIGNALS) ask the loop to finish the current
+    iteration, save and exit with 128 + the signal's number; a second signal exits at once, even
+    while the main thread is inside a long kernel. Two different signals within a second count as
+    one: Ctrl-C under torchrun reaches a worker as SIGINT from the terminal and again from torchrun.
 
     Python runs signal handlers in the main thread between bytecodes, so during a long kernel (an
     attention backward, a collective waiting for a peer) a handler would wait for it to return.
@@ -122,7 +126,7 @@ class SignalFlag:
     def install(self):
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)  # the C-level handler must never block on a full pipe
-        previous = {signum: signal.signal(signum, self.ignore) for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous = {signum: signal.signal(signum, self.ignore) for signum in STOP_SIGNALS}
         previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         threading.Thread(target=self.watch, args=(read_fd,), name='signal-watcher', daemon=True).start()
         def restore():
@@ -145,7 +149,7 @@ class SignalFlag:
         with open(read_fd, 'rb', buffering=0) as pipe:
             while data := pipe.read(64):
                 for signum in data:
-                    if signum in (signal.SIGTERM, signal.SIGINT):
+                    if signum in STOP_SIGNALS:
                         self.handle(signum, None)
 
     def handle(self, signum, frame):

@@ -161,13 +161,15 @@ def forward_backward(run, first):
 def agree_on_flags(run, nonfinite, stop_requested):
     """One small all-reduce and one host sync per iteration: every process learns whether any of
     them saw a non-finite loss or gradient (then all skip the step) or got a stop signal (then all
-    stop after this iteration). Returns (nonfinite, stop), the same on every process."""
+    stop after this iteration). `stop_requested` is the number of the signal this process got, 0
+    for none. Returns (nonfinite, stop), the same on every process: stop is a signal's number (the
+    highest any process got), 0 for none."""
     run.flags[0] = nonfinite  # written in place: no new tensor or host-to-device copy per iteration
     run.flags[1] = float(stop_requested)
     if run.world_size > 1:
         dist.all_reduce(run.flags, op=dist.ReduceOp.MAX)
     nonfinite, stop = run.flags.tolist()
-    return bool(nonfinite), bool(stop)
+    return bool(nonfinite), int(stop)
 
 def clip_and_step(run, loss, stop_requested):
     """Unscale and clip the gradient, agree with the other processes (agree_on_flags), then step
@@ -278,13 +280,13 @@ def nonfinite_step(run, state):
                "no checkpoint was saved yet. Lower the learning rate (or raise rho for Sophia) and start again "
                "with --init_from=resume (from scratch, this attempt's log kept)"), 1)
 
-def stop_run(run, state, stop_flag):
-    """The stop every process agreed on: the checkpoint is written; wait for it, then exit."""
+def stop_run(run, state, signum):
+    """The stop every process agreed on, for signal `signum`: the checkpoint is written; wait for
+    it, then exit with 128 + signum on every process."""
     if run.world_size > 1:
         # wait for process 0 to finish writing the checkpoint: once one process exits with an
         # error status torchrun gives the others only its shutdown timeout (30 s)
         dist.barrier()
-    signum = stop_flag.signum or signal.SIGTERM  # another process may have been signalled
     raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at iteration {state.iter_num}; "
                           f"checkpoint {state.checkpoint}; resume with --init_from=resume", 128 + signum)
 
@@ -401,13 +403,13 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
         if state.iter_num >= config['max_iters']:
             break
         if stop:
-            stop_run(run, state, stop_flag)
+            stop_run(run, state, stop)
 
         iteration_start = time.time()
         lr = set_lr(run, state.iter_num)
         loss = forward_backward(run, state.sequences_drawn)
         state.sequences_drawn += run.plan.sequences
-        stepped, stop, grad_norm = clip_and_step(run, loss, stop_flag.signum > 0)
+        stepped, stop, grad_norm = clip_and_step(run, loss, stop_flag.signum)
         if stepped:
             state.nonfinite_in_a_row = 0
             interval.stepped(run, loss, grad_norm)

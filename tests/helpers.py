@@ -78,7 +78,7 @@ def train_losses(out_dir):
 def run_main(args, optimizer='sophiag'):
     """trainer.main in this process, as the training script calls it, on one thread; returns the
     exit status. The signal handlers main installs are put back afterwards."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {signum: signal.getsignal(signum) for signum in trainer.distributed.STOP_SIGNALS}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -87,13 +87,11 @@ def start(tmp_path, name, script, args, env=None, launcher=None):
 
 def stop_tree(process):
     """Kill a process we started and its children (torchrun starts its workers in new sessions)."""
-    children = []
     try:
-        with open(f'/proc/{process.pid}/task/{process.pid}/children') as f:
-            children = [int(pid) for pid in f.read().split()]
+        workers = children(process)
     except OSError:
-        pass
-    for pid in children:
+        workers = []
+    for pid in workers:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -166,42 +164,52 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, dataset, reference):
     assert_same_as_reference(out, reference)
     assert not [name for name in os.listdir(out) if '.tmp' in name]  # no partial writes left to fill the disk
 
-def stop_line(stderr):
+def stop_line(stderr, name='SIGTERM'):
     """The last line of a run stopped by a signal: (iteration, checkpoint path)."""
-    match = re.fullmatch(r"stopped by SIGTERM at iteration (\d+); checkpoint (\S+); "
+    match = re.fullmatch(rf"stopped by {name} at iteration (\d+); checkpoint (\S+); "
                          r"resume with --init_from=resume", stderr.strip().splitlines()[-1])
     assert match, stderr[-2000:]
     return int(match[1]), match[2]
 
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_identical(tmp_path, dataset, reference):
+@pytest.mark.parametrize('signum, status', [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)], ids=['TERM', 'USR1'])
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_identical(tmp_path, dataset, reference, signum,
+                                                                       status):
+    """SIGTERM, and SIGUSR1 (what SLURM sends ahead of a pre-emption), alike."""
     out = str(tmp_path / 'out')
     args = tiny_args(dataset, out, **dict(RUN, checkpoint_interval=100))  # the stop writes the checkpoint
     process = start(tmp_path, 'run', 'train_sophiag.py', args)
     wait_for_iteration(process, out, 5)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = finish(process)
-    assert process.returncode == 128 + signal.SIGTERM == 143
-    assert 'received SIGTERM: finishing this iteration and saving a checkpoint' in err
-    iter_num, path = stop_line(err)
+    assert process.returncode == 128 + signum == status
+    assert f'received {signum.name}: finishing this iteration and saving a checkpoint' in err
+    iter_num, path = stop_line(err, signum.name)
     assert 5 <= iter_num < RUN['max_iters'] and path == os.path.join(out, f'ckpt-{iter_num:08d}.pt')
     assert checkpoint.load_checkpoint(path)['iter_num'] == iter_num
     result = check_ok(run_script('train_sophiag.py', args + ['--init_from=resume'], env=ONE_THREAD))
     assert f'resuming from {path}' in result.stdout
     assert_same_as_reference(out, reference)
 
-def test_torchrun_sigterm_stops_both_processes_at_one_iteration(tmp_path, dataset):
-    """torchrun passes SIGTERM on to its workers; they agree on the iteration to stop at, save
-    once with both processes' RNG states, and exit."""
+def children(process):
+    with open(f'/proc/{process.pid}/task/{process.pid}/children') as f:
+        return [int(pid) for pid in f.read().split()]
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1], ids=['TERM', 'HUP', 'USR1'])
+def test_torchrun_sigterm_stops_both_processes_at_one_iteration(tmp_path, dataset, signum):
+    """torchrun passes SIGTERM and SIGHUP (a closed terminal) on to its workers; SIGUSR1 it does
+    not pass on, and SLURM sends it to every process of the job step: here to the workers. They
+    agree on the iteration to stop at, save once with both processes' RNG states, and exit."""
     out = str(tmp_path / 'out')
     process = start(tmp_path, 'run', 'train_sophiag.py',
                     tiny_args(dataset, out, **dict(RUN, checkpoint_interval=100)), launcher=TORCHRUN)
     wait_for_iteration(process, out, 4)
-    process.send_signal(signal.SIGTERM)
+    for pid in children(process) if signum == signal.SIGUSR1 else [process.pid]:
+        os.kill(pid, signum)
     _, err = finish(process)
     assert process.returncode != 0
-    assert err.count('received SIGTERM: finishing this iteration') == 2  # each worker got it
-    assert len(re.findall(r'^stopped by SIGTERM at iteration', err, re.M)) == 1  # said once
-    iter_num, path = stop_line(next(line for line in err.splitlines() if line.startswith('stopped')))
+    assert err.count(f'received {signum.name}: finishing this iteration') == 2  # each worker got it
+    assert len(re.findall(rf'^stopped by {signum.name} at iteration', err, re.M)) == 1  # said once
+    iter_num, path = stop_line(next(line for line in err.splitlines() if line.startswith('stopped')), signum.name)
     state = checkpoint.load_checkpoint(path)
     assert state['iter_num'] == iter_num and len(state['rng']) == 2
 
