@@ -399,7 +399,14 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
         if state.iter_num != start_iter and (state.iter_num % config['checkpoint_interval'] == 0 or is_best
                                              or state.iter_num == config['max_iters'] or stop
                                              or (evaluated and config['always_save_checkpoint'])):
-            save(run, state, model_args, is_best)
+            if state.nonfinite_in_a_row and not stop:
+                # inside a run of non-finite iterations a checkpoint would be called good, carry the
+                # run into a resume and rotate the healthy ones away (a stop saves all the same)
+                if rank == 0:
+                    print(f"iter {state.iter_num}: no checkpoint after a non-finite iteration; the newest is "
+                          f"{state.checkpoint}")
+            else:
+                save(run, state, model_args, is_best)
         if state.iter_num >= config['max_iters']:
             break
         if stop:

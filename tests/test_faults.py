@@ -7,6 +7,7 @@ config run straight through in this process: parameters, every optimizer state t
 logged training loss, bit for bit. Every process runs on one thread: the machine's cores are
 shared, and one thread everywhere also keeps the float summation order the same in every run."""
 
+import copy
 import glob
 import hashlib
 import json
@@ -452,6 +453,20 @@ def poison(monkeypatch, module, name, bad_calls, counted=lambda *args: True):
         return value
     monkeypatch.setattr(module, name, poisoned)
 
+def around_each_step(monkeypatch):
+    """The model and optimizer state (as a checkpoint holds them) before and after each call of
+    clip_and_step, in a list filled as the run goes."""
+    real, steps = trainer.clip_and_step, []
+    def state(run):
+        return copy.deepcopy({'model': run.raw_model.state_dict(), 'optimizer': run.optimizer.state_dict()})
+    def recorded(run, *args):
+        before = state(run)
+        result = real(run, *args)
+        steps.append((before, state(run)))
+        return result
+    monkeypatch.setattr(trainer, 'clip_and_step', recorded)
+    return steps
+
 def training_call(model, *args):
     return model.training  # not the evaluations
 
@@ -461,15 +476,18 @@ def rows_by_iter(out_dir):
 @pytest.mark.parametrize('optimizer', ['sophiag', 'adamw'])
 def test_a_nan_loss_skips_the_update_and_touches_no_state(tmp_path, dataset, monkeypatch, capsys, optimizer):
     poison(monkeypatch, trainer, 'forward_loss', {2 * 3 + 1}, training_call)  # micro-batch 1 of iteration 3
+    steps = around_each_step(monkeypatch)
     out = str(tmp_path / 'out')
     status, stdout, _ = call_main(capsys, tiny_args(dataset, out, optimizer == 'sophiag', **NAN_RUN), optimizer)
     assert status == 0
     assert 'iter 3: non-finite loss or gradient, update skipped (1 in a row)' in stdout
-    before, after, later = state_at(out, 3), state_at(out, 4), state_at(out, 5)
-    assert_same_tensors(before, after)  # parameters, momentum, Hessian EMA, step count
+    assert_same_tensors(*steps[3])  # parameters, momentum, Hessian EMA, step count
     with pytest.raises(AssertionError):
-        assert_same_tensors(after, later)  # whereas a normal iteration changes them
-    assert (after['nonfinite_in_a_row'], later['nonfinite_in_a_row']) == (1, 0)
+        assert_same_tensors(*steps[4])  # whereas a normal iteration changes them
+    # no checkpoint after a non-finite iteration: none at 4, though checkpoint_interval=1
+    assert checkpoint.list_checkpoints(out) == [7, 6, 5, 3, 2, 1]
+    assert 'iter 4: no checkpoint after a non-finite iteration; the newest is ' in stdout
+    assert state_at(out, 5)['nonfinite_in_a_row'] == 0
     rows = rows_by_iter(out)
     assert [rows[it]['skipped'] for it in range(1, 8)] == [0, 0, 0, 1, 0, 0, 0]
     assert rows[4]['loss'] is None and rows[5]['loss'] is not None
@@ -500,20 +518,30 @@ def test_a_log_row_counts_every_skipped_hessian_pass_since_the_last(tmp_path, da
     assert rows_by_iter(out)[7]['hessian_skipped'] == skipped  # passes at 2 and 5, one row at 7
 
 @pytest.mark.parametrize('first_bad, checkpoint_interval, named', [
-    (2, 2, 'the last good checkpoint is {out}/ckpt-00000004.pt'),
+    (4, 1, 'the last good checkpoint is {out}/ckpt-00000004.pt'),
     (0, 100, 'no checkpoint was saved yet')])
 def test_max_nonfinite_in_a_row_stops_the_run(tmp_path, dataset, monkeypatch, capsys, first_bad,
                                               checkpoint_interval, named):
-    poison(monkeypatch, trainer, 'forward_loss', set(range(2 * first_bad, 1000)), training_call)
+    """Iterations first_bad .. first_bad+2 are non-finite. No checkpoint is written inside the
+    streak (at 5 and 6 here, though checkpoint_interval=1 and keep_last=2 asks for them), so the
+    one named is from before it, rotation kept it, it holds no streak, and resuming it as advised
+    trains on."""
+    poison(monkeypatch, trainer, 'forward_loss', set(range(2 * first_bad, 2 * first_bad + 6)), training_call)
     out = str(tmp_path / 'out')
-    status, _, err = call_main(capsys, tiny_args(dataset, out, max_nonfinite=3, max_iters=12,
-                                                 checkpoint_interval=checkpoint_interval))
+    args = tiny_args(dataset, out, max_nonfinite=3, max_iters=12, checkpoint_interval=checkpoint_interval,
+                     keep_last=2)
+    status, _, err = call_main(capsys, args)
     assert status == 1 and 'Traceback' not in err
     last = err.strip().splitlines()[-1]
     assert f'3 iterations in a row with a non-finite loss or gradient, the last at iteration {first_bad + 2}' in last
     assert named.format(out=out) in last
-    if checkpoint_interval == 2:
-        checkpoint.verify(os.path.join(out, 'ckpt-00000004.pt'))
+    if checkpoint_interval == 1:
+        assert checkpoint.list_checkpoints(out) == [4, 3]
+        assert state_at(out, 4)['nonfinite_in_a_row'] == 0
+    monkeypatch.undo()  # the lower learning rate the line advises, standing in
+    status, stdout, _ = call_main(capsys, args + ['--init_from=resume'])
+    assert status == 0 and 'non-finite' not in stdout
+    assert newest_state(out)['iter_num'] == 12
 
 def test_float16_overflow_is_the_grad_scalers_not_a_skipped_iteration(tmp_path, dataset, monkeypatch, capsys):
     """Under float16 a gradient that overflows is the GradScaler's business: it skips the step and
