@@ -38,6 +38,13 @@ TEMPORARY_NAME = re.compile(r'^(ckpt-\d+|best)\.(pt|json|dcp)\.(tmp|old)\d+$')  
 class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message says which and why."""
 
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint that could not be read (permissions, an I/O error): not known to be damaged."""
+
+def unreadable(path, e):
+    return CheckpointUnreadable(f"{path} cannot be read ({e.strerror or e}); it is left as it is: fix the "
+                                f"permissions or the filesystem and run again")
+
 def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -176,7 +183,9 @@ def verify(pt_path):
     try:
         with open(json_path) as f:
             manifest = json.load(f)
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise unreadable(json_path, e)
+    except ValueError as e:
         raise CheckpointError(f"{json_path} is unreadable: {e}")
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{json_path} is damaged: it holds a {type(manifest).__name__}, not a manifest")
@@ -208,11 +217,13 @@ def load_checkpoint(pt_path, map_location='cpu', model_tensors=True):
     try:
         verify(pt_path)
     except OSError as e:
-        raise CheckpointError(f"{pt_path} cannot be read: {e}")
+        raise unreadable(pt_path, e)
     if os.path.isdir(pt_path):
         return load_sharded_meta(pt_path, map_location, model_tensors)
     try:
         state = torch.load(pt_path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise unreadable(pt_path, e)
     except Exception as e:
         raise CheckpointError(f"{pt_path} cannot be loaded: {type(e).__name__}: {e}")
     if state.get('format_version') != FORMAT_VERSION:
@@ -223,6 +234,8 @@ def load_checkpoint(pt_path, map_location='cpu', model_tensors=True):
 def load_sharded_meta(path, map_location, model_tensors):
     try:
         state = torch.load(os.path.join(path, 'meta.pt'), map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise unreadable(os.path.join(path, 'meta.pt'), e)
     except Exception as e:
         raise CheckpointError(f"{path}/meta.pt cannot be loaded: {type(e).__name__}: {e}")
     if state.get('format_version') != FORMAT_VERSION:
@@ -240,8 +253,10 @@ def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model
     """The newest checkpoint in out_dir that verifies and loads, falling back past damaged ones.
     With `quarantine` (one process only), a damaged checkpoint is renamed to *.pt.damaged, kept for
     inspection but no longer counted as a checkpoint, and the temporary files of writes that a
-    crash cut short are deleted. Returns (state, path), or (None, None) when
-    out_dir holds no checkpoint at all. Raises CheckpointError when none is usable."""
+    crash cut short are deleted. Only a failed verification or unpickling counts as damage: a
+    checkpoint that cannot be read (CheckpointUnreadable) stops the search, nothing renamed.
+    Returns (state, path), or (None, None) when out_dir holds no checkpoint at all. Raises
+    CheckpointError when none is usable."""
     problems = []
     if quarantine and os.path.isdir(out_dir):
         names = set(os.listdir(out_dir))
@@ -255,6 +270,8 @@ def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model
         pt_path = checkpoint_path(out_dir, f"ckpt-{iter_num:08d}")
         try:
             return load_checkpoint(pt_path, map_location, model_tensors), pt_path
+        except CheckpointUnreadable:
+            raise
         except CheckpointError as e:
             warn(f"warning: {e}; falling back to the previous checkpoint")
             problems.append(str(e))
@@ -264,6 +281,8 @@ def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model
     if os.path.exists(best_pt):
         try:
             return load_checkpoint(best_pt, map_location, model_tensors), best_pt
+        except CheckpointUnreadable:
+            raise
         except CheckpointError as e:
             problems.append(str(e))
     if problems:

@@ -156,3 +156,43 @@ def test_a_cut_log_line_and_an_orphan_manifest_are_set_aside_on_resume(tmp_path,
     assert [row['iter'] for row in rows if row['kind'] == 'train'] == [1, 2, 3, 4, 5, 6]
     assert not os.path.exists(os.path.join(out, 'ckpt-00000001.json'))
     assert 'Hessian pass after every 3rd step' in stdout
+
+def snapshot(folder):
+    """Every file in folder with its bytes."""
+    return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))}
+
+def fail_reading(monkeypatch, where, path):
+    """An intact checkpoint that cannot be read: permission denied (as a non-root user meets it
+    while hashing), or an I/O error of a network filesystem while unpickling."""
+    if where == 'permission':
+        real = checkpoint.file_digest
+        def digest(p):
+            if p == path:
+                raise PermissionError(13, 'Permission denied', p)
+            return real(p)
+        monkeypatch.setattr(checkpoint, 'file_digest', digest)
+    else:
+        real_load = torch.load
+        def load(p, *args, **kwargs):
+            if p == path:
+                raise OSError(5, 'Input/output error')
+            return real_load(p, *args, **kwargs)
+        monkeypatch.setattr(torch, 'load', load)
+
+@pytest.mark.parametrize('where', ['permission', 'I/O error'])
+def test_a_checkpoint_that_cannot_be_read_is_reported_not_renamed(tmp_path, dataset, straight, monkeypatch, capsys,
+                                                                   where):
+    """Only a failed verification makes a checkpoint .damaged; one that cannot be read stops the
+    resume with one line and exit 2, every file in out_dir as it was (no fallback to an older one)."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(straight, out)
+    before = snapshot(out)
+    newest = os.path.join(out, 'ckpt-00000006.pt')
+    fail_reading(monkeypatch, where, newest)
+    status, stdout, err = call_main(capsys, tiny_args(dataset, out, init_from='resume', **dict(RUN, max_iters=9)))
+    assert status == 2
+    cause = 'Permission denied' if where == 'permission' else 'Input/output error'
+    assert err == (f"error: {newest} cannot be read ({cause}); it is left as it is: fix the permissions or "
+                   f"the filesystem and run again\n")
+    assert 'warning' not in stdout
+    assert snapshot(out) == before
