@@ -21,6 +21,7 @@ sharded or not (the trainer), and consolidates into whole tensors for sample.py 
 (load_checkpoint).
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +41,28 @@ class CheckpointError(Exception):
 
 class CheckpointUnreadable(CheckpointError):
     """A checkpoint that could not be read (permissions, an I/O error): not known to be damaged."""
+
+class DiskFull(CheckpointError):
+    """The filesystem of out_dir had no room for a checkpoint; what was written of it is deleted."""
+
+def disk_full(e):
+    """Whether an exception comes from a full disk or quota: torch.save reports the OSError of
+    the file it writes to as the context of a RuntimeError of its own."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+def tensor_bytes(state):
+    """The bytes of the tensors in a nested state: about the size of its checkpoint."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(value) for value in state)
+    return 0
 
 def unreadable(path, e):
     return CheckpointUnreadable(f"{path} cannot be read ({e.strerror or e}); it is left as it is: fix the "
@@ -87,7 +110,19 @@ def checkpoint_paths(out_dir, name):
 
 def save_checkpoint(out_dir, state, iter_num, keep_last, is_best):
     """Write `state` as the checkpoint of iteration `iter_num`; link it as best.pt if `is_best`;
-    delete checkpoints older than the newest `keep_last`. Returns the path written."""
+    delete checkpoints older than the newest `keep_last`. Returns the path written. On a full
+    disk raises DiskFull, the earlier checkpoints as they were and no temporary file left."""
+    try:
+        return write_checkpoint(out_dir, state, iter_num, keep_last, is_best)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise DiskFull(f"out_dir={out_dir!r} has no space left for the checkpoint of iteration {iter_num} "
+                       f"(about {tensor_bytes(state):,} bytes; {shutil.disk_usage(out_dir).free:,} free); the "
+                       f"earlier checkpoints are intact: free some space, or lower keep_last, and resume "
+                       f"with --init_from=resume")
+
+def write_checkpoint(out_dir, state, iter_num, keep_last, is_best):
     name = f"ckpt-{iter_num:08d}"
     pt_path, json_path = checkpoint_paths(out_dir, name)
     def write_pt(f):

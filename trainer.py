@@ -260,9 +260,13 @@ def save(run, state, model_args, is_best):
             run.config['out_dir'], {'model': model_state, 'optimizer': optimizer_state}, meta, state.iter_num,
             run.config['keep_last'], is_best, run.rank, run.world_size)
     elif run.rank == 0:
-        state.checkpoint = checkpoint.save_checkpoint(
-            run.config['out_dir'], dict(meta, model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict()),
-            state.iter_num, run.config['keep_last'], is_best)
+        try:
+            state.checkpoint = checkpoint.save_checkpoint(
+                run.config['out_dir'], dict(meta, model=run.raw_model.state_dict(),
+                                            optimizer=run.optimizer.state_dict()),
+                state.iter_num, run.config['keep_last'], is_best)
+        except checkpoint.DiskFull as e:
+            raise UserError(str(e))
     if run.rank == 0:
         print(f"saved checkpoint {state.checkpoint} ({time.time() - started:.1f} s)")
 

@@ -4,8 +4,10 @@
 manifest a kill during rotation left without its checkpoint. Runs go through trainer.main in this
 process (helpers.run_main), a kill through the real script."""
 
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -196,3 +198,29 @@ def test_a_checkpoint_that_cannot_be_read_is_reported_not_renamed(tmp_path, data
                    f"the filesystem and run again\n")
     assert 'warning' not in stdout
     assert snapshot(out) == before
+
+def test_a_full_disk_is_one_line_and_loses_no_checkpoint(tmp_path, dataset, monkeypatch, capsys):
+    """A planted ENOSPC in the middle of a checkpoint write (torch.save turns it into a RuntimeError
+    of its own): one line naming out_dir and the bytes needed, exit 2, the earlier checkpoints as
+    they were and no temporary file left."""
+    out = str(tmp_path / 'out')
+    assert run_main(tiny_args(dataset, out, **dict(RUN, max_iters=3, checkpoint_interval=3))) == 0
+    before = snapshot(out)
+    written = []
+    real = checkpoint.HashingWriter.write
+    def write(self, data):
+        written.append(len(data))
+        if sum(written) > 20000:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(self, data)
+    monkeypatch.setattr(checkpoint.HashingWriter, 'write', write)
+    status, _, err = call_main(capsys, tiny_args(dataset, out, init_from='resume', **RUN))
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in err
+    assert re.fullmatch(rf"error: out_dir={re.escape(repr(out))} has no space left for the checkpoint of "
+                        r"iteration 6 \(about [\d,]+ bytes; [\d,]+ free\); the earlier checkpoints are intact: "
+                        r"free some space, or lower keep_last, and resume with --init_from=resume", lines[0])
+    after = snapshot(out)
+    assert after.pop('metrics.jsonl').startswith(before.pop('metrics.jsonl'))  # rows of iterations 4-6
+    assert after == before
