@@ -161,6 +161,18 @@ class SignalFlag:
             print(f"received {signal.Signals(signum).name}: finishing this iteration and saving a "
                   f"checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)
 
+def watch_launcher(stop_flag, every=1.0):
+    """A worker whose launcher (torchrun) died, by SIGKILL say, is adopted by another process: a
+    thread notices within `every` seconds and stops the run as SIGTERM would (save, exit), so no
+    orphan trains on beside a relaunch."""
+    launcher = os.getppid()
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(every)
+        print(f"the launcher (process {launcher}) is gone: stopping", file=sys.stderr, flush=True)
+        stop_flag.handle(signal.SIGTERM, None)
+    threading.Thread(target=watch, name='launcher-watcher', daemon=True).start()
+
 # how gloo (torch 2.13) words a peer that hung past ddp_timeout or died: a plain RuntimeError
 GLOO_FAILURES = ('Timed out waiting', 'pair closure', 'Connection closed by peer', 'Connection reset by peer')
 

@@ -22,6 +22,65 @@ from optimizers import RECIPES
 SHAPE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias',
               'scale_attn_by_inverse_layer_idx', 'gelu')  # the config keys that say what a model is
 
+class OutDirLock:
+    """One run per out_dir: process 0 takes an exclusive flock on out_dir/run.lock and writes its
+    host and pid into it, then holds it shared with the job's other processes, so the lock stays
+    while any of them lives. The operating system releases it when they die, so a crash never
+    leaves a stale lock (the file stays, unlocked, until the next run takes it). A run that ends
+    removes the file."""
+
+    NAME = 'run.lock'
+
+    def __init__(self):
+        self.file = None
+
+    def acquire(self, out_dir, rank, world_size):
+        """Every process of the job calls it; all raise UserError naming the holder if another run
+        holds the lock."""
+        import fcntl
+        import socket
+        import torch.distributed as dist
+        path = os.path.join(out_dir, self.NAME)
+        holder = None
+        if rank == 0:
+            while True:
+                f = open(path, 'a+')
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = f.read().split() or ['?', '?']
+                    f.close()
+                    break
+                if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                    break  # not a file that an ending run removed between our open and flock
+                f.close()
+            if holder is None:
+                f.seek(0)
+                f.truncate()
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+                f.flush()
+                fcntl.flock(f, fcntl.LOCK_SH)  # not atomic: a second launch may slip in and is refused
+                self.file = f
+        if world_size > 1:
+            box = [holder]
+            dist.broadcast_object_list(box, src=0)
+            holder = box[0]
+        if holder is not None:
+            raise UserError(f"out_dir={out_dir!r} is in use by another run (process {holder[1]} on "
+                            f"{holder[0]} holds {path}); wait for it to end or stop it, or choose another "
+                            f"--out_dir")
+        if rank != 0:
+            self.file = open(path, 'a+')
+            fcntl.flock(self.file, fcntl.LOCK_SH | fcntl.LOCK_NB)  # process 0 holds it shared: granted
+
+    def release(self, rank):
+        if self.file is not None:
+            if rank == 0 and os.path.exists(self.file.name):
+                os.remove(self.file.name)
+            self.file.close()
+            self.file = None
+
 def prepare_out_dir(out_dir, resuming, master):
     """out_dir must be writable, and must not hold another run unless we resume it."""
     if master:

@@ -297,15 +297,17 @@ def stop_run(run, state, signum):
 # -----------------------------------------------------------------------------
 # the run
 
-def setup(recipe_class, config, sources, plan, rank, world_size, local_world_size, device):
-    """The run's fixed parts and where it starts: out_dir checked, the data opened, the model built
-    or continued, the optimizer (with its state when continuing), the model compiled and wrapped.
+def setup(recipe_class, config, sources, plan, rank, world_size, local_world_size, device, lock):
+    """The run's fixed parts and where it starts: out_dir checked and locked (`lock`, a
+    resume.OutDirLock), the data opened, the model built or continued, the optimizer (with its
+    state when continuing), the model compiled and wrapped.
     Returns (run, state, model_args, exact): `exact` when the start is a checkpoint of ours, which
     carries the data position and RNG states, so the run continues as if never stopped."""
     master = rank == 0
     resume.prepare_out_dir(config['out_dir'], config['init_from'] == 'resume', master)
     if world_size > 1:
         dist.barrier()  # out_dir exists before any process looks into it
+    lock.acquire(config['out_dir'], rank, world_size)  # before anything in out_dir is moved or written
     dataset_vocab, paths = open_dataset(config['dataset'], config['block_size'])
     start, start_path = resume.load_start(config, recipe_class, master, device)
     if start is None and config['init_from'] == 'resume':  # nothing to resume but a log: start over
@@ -363,9 +365,10 @@ def setup(recipe_class, config, sources, plan, rank, world_size, local_world_siz
     state = RunState.continuing(start, start_path) if start is not None else RunState()
     return run, state, model_args, exact
 
-def train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size, device, stop_flag):
+def train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size, device, stop_flag,
+          lock):
     run, state, model_args, exact = setup(recipe_class, config, sources, plan, rank, world_size,
-                                          local_world_size, device)
+                                          local_world_size, device, lock)
     peak = config['peak_flops'] or None
     if peak is None and device.startswith('cuda'):
         from model import device_peak_flops
@@ -448,6 +451,9 @@ def main(recipe_class, argv, usage=''):
         sys.exit(0)
     stop_flag = SignalFlag()
     stop_flag.install()
+    if 'TORCHELASTIC_RUN_ID' in os.environ:  # started by torchrun
+        distributed.watch_launcher(stop_flag)
+    lock = resume.OutDirLock()
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     master = int(os.environ.get('RANK', 0)) == 0
     status, stopped = 0, False
@@ -458,7 +464,8 @@ def main(recipe_class, argv, usage=''):
         check_config(config, sources, world_size, local_world_size, recipe_class)
         plan = batch_plan(config, sources, world_size)
         rank, world_size, device = distributed.setup_distributed(config)
-        train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size, device, stop_flag)
+        train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size, device, stop_flag,
+              lock)
     except UserError as e:  # ConfigError too
         if master:  # every process finds the same mistake: say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -476,6 +483,7 @@ def main(recipe_class, argv, usage=''):
               f"failed or timed out: a peer process died or hung ({str(e).splitlines()[0]}); "
               f"resume with --init_from=resume", file=sys.stderr, flush=True)
     finally:
+        lock.release(int(os.environ.get('RANK', 0)))
         distributed.end_process_group(status, stopped)
         stop_flag.uninstall()
     sys.exit(status)

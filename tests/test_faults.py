@@ -278,6 +278,63 @@ def test_a_signal_to_one_torchrun_process_stops_both_and_the_checkpoint_resumes(
     for it in resumed:
         assert resumed[it] == pytest.approx(straight[it], rel=1e-4), it
 
+def ended(pid):
+    """Whether a process that is not our child has ended (exited, or a zombie nobody reaped)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except FileNotFoundError:
+        return True
+
+def test_one_run_per_out_dir_and_no_orphan_after_its_launcher(tmp_path, dataset):
+    """While a 2-process run trains (paused here, so nothing in out_dir moves), a second launch on
+    its out_dir is refused by every process in one line naming the holder's host and pid, out_dir
+    untouched. Then torchrun is killed with SIGKILL: its workers notice, save and exit within
+    seconds, and a relaunch continues their checkpoint."""
+    out = str(tmp_path / 'out')
+    args = tiny_args(dataset, out, **dict(RUN, max_iters=10 ** 6, lr_decay_iters=10 ** 6,
+                                          checkpoint_interval=10 ** 6, eval_interval=10 ** 6))
+    first = start(tmp_path, 'first', 'train_sophiag.py', args, launcher=TORCHRUN)
+    workers = []
+    try:
+        wait_for_iteration(first, out, 2)
+        workers = children(first)
+        assert len(workers) == 2
+        host, pid = open(os.path.join(out, 'run.lock')).read().split()
+        assert host == socket.gethostname() and int(pid) in workers
+        for paused in [first.pid] + workers:
+            os.kill(paused, signal.SIGSTOP)
+        try:
+            before = snapshot(out)
+            second = start(tmp_path, 'second', 'train_sophiag.py', args + ['--init_from=resume'], launcher=TORCHRUN)
+            _, err = finish(second)
+            assert second.returncode != 0
+            assert [line for line in err.splitlines() if line.startswith('error')] == [
+                f"error: out_dir={out!r} is in use by another run (process {pid} on {host} holds "
+                f"{os.path.join(out, 'run.lock')}); wait for it to end or stop it, or choose another --out_dir"]
+            assert 'Traceback' not in err.split('error: ')[0]  # torchrun's own report of the failure follows
+            assert snapshot(out) == before
+        finally:
+            for paused in [first.pid] + workers:
+                os.kill(paused, signal.SIGCONT)
+        first.kill()
+        first.wait()
+        deadline = time.time() + 30
+        while not all(map(ended, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert all(map(ended, workers)), '\n'.join(first.output())[-3000:]
+    finally:
+        for pid_ in workers:
+            if not ended(pid_):
+                os.kill(pid_, signal.SIGKILL)
+    err = first.output()[1]
+    assert err.count(f'the launcher (process {first.pid}) is gone: stopping') == 2
+    iter_num, path = stop_line(next(line for line in err.splitlines() if line.startswith('stopped')))
+    result = check_ok(run_script('train_sophiag.py', args + ['--init_from=resume', f'--max_iters={iter_num + 2}'],
+                                 launcher=TORCHRUN, env=ONE_THREAD))
+    assert f'resuming from {path}' in result.stdout
+    assert not os.path.exists(os.path.join(out, 'run.lock'))  # a run that ended removed it
+
 def test_a_second_signal_exits_at_once(monkeypatch):
     exits = []
     monkeypatch.setattr(os, '_exit', exits.append)
