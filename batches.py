@@ -47,9 +47,11 @@ def prepare_command(dataset):
         return f"prepare the token files in {data_dir_of(dataset)}"
     return f"run: python {os.path.relpath(script)}"
 
-def open_dataset(dataset, block_size):
+def open_dataset(dataset, block_size, warn=print):
     """Check train.bin / val.bin / meta.pkl of a dataset; return its vocabulary size (None if the
-    dataset has no meta.pkl) and the paths of the token files."""
+    dataset has no meta.pkl) and the paths of the token files. The token files must agree with
+    the dtype and token counts meta.pkl records (prepare.py writes them); a meta.pkl written before
+    it recorded them gets a warning through `warn`."""
     data_dir = data_dir_of(dataset)
     if os.sep not in dataset and not os.path.isdir(data_dir) and dataset not in PREPARED_BY:
         raise UserError(f"dataset {dataset!r} does not exist: data/ has {', '.join(available_datasets())} "
@@ -78,7 +80,26 @@ def open_dataset(dataset, block_size):
         if type(vocab_size) is not int or vocab_size <= 0:
             raise UserError(f"{meta_path} gives vocab_size={vocab_size!r}, not a positive integer; "
                             f"{prepare_command(dataset)}")
+        check_token_files(meta, meta_path, paths, dataset, warn)
     return vocab_size, paths
+
+def check_token_files(meta, meta_path, paths, dataset, warn):
+    """Token files of another dtype (an int32 train.bin has an even byte count and ids under the
+    vocabulary: it would train on ids with zeros between them), of another dataset or cut short
+    disagree with the dtype and token counts meta.pkl records."""
+    if 'dtype' not in meta:
+        warn(f"warning: {meta_path} records no dtype or token counts (prepared before they were): the "
+             f"token files are read as uint16 unchecked; {prepare_command(dataset)} to record them")
+        return
+    if meta['dtype'] != 'uint16':
+        raise UserError(f"{meta_path} records dtype {meta['dtype']!r} but the loader reads uint16 token "
+                        f"files; {prepare_command(dataset)}")
+    for split, path in paths.items():
+        recorded = meta.get(f'{split}_tokens')
+        if recorded is not None and os.path.getsize(path) != 2 * recorded:
+            raise UserError(f"{path} holds {os.path.getsize(path):,} bytes but {meta_path} records "
+                            f"{recorded:,} uint16 tokens ({2 * recorded:,} bytes): a token file of "
+                            f"another dtype or dataset, or cut short; {prepare_command(dataset)}")
 
 def model_vocab_size(dataset_vocab):
     """The model's vocabulary for a dataset's (None: no meta.pkl, taken as GPT-2 BPE). A large

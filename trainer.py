@@ -308,7 +308,8 @@ def setup(recipe_class, config, sources, plan, rank, world_size, local_world_siz
     if world_size > 1:
         dist.barrier()  # out_dir exists before any process looks into it
     lock.acquire(config['out_dir'], rank, world_size)  # before anything in out_dir is moved or written
-    dataset_vocab, paths = open_dataset(config['dataset'], config['block_size'])
+    dataset_vocab, paths = open_dataset(config['dataset'], config['block_size'],
+                                        warn=print if master else (lambda message: None))
     start, start_path = resume.load_start(config, recipe_class, master, device)
     if start is None and config['init_from'] == 'resume':  # nothing to resume but a log: start over
         if world_size > 1:

@@ -678,8 +678,9 @@ def finished_run(dataset, tmp_path_factory):
 
 def damaged_dataset(dataset, folder, kind):
     """A copy of the tiny dataset: with an empty train.bin, or with token ids from another, larger
-    vocabulary ('foreign'), or with a meta.pkl that claims a vocabulary smaller than its ids ('small'),
-    that is cut short ('meta') or that lacks the vocabulary size ('novocab')."""
+    vocabulary ('foreign'), with a meta.pkl that claims a vocabulary smaller than its ids ('small'),
+    that is cut short ('meta'), that lacks the vocabulary size ('novocab') or that records another
+    dtype ('dtype'), with token files of int32 ('int32') or a train.bin cut short ('cut')."""
     shutil.copytree(dataset, folder)
     if kind == 'empty':
         open(os.path.join(folder, 'train.bin'), 'wb').close()
@@ -690,6 +691,18 @@ def damaged_dataset(dataset, folder, kind):
     if kind in ('foreign', 'small'):
         with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
             pickle.dump({'vocab_size': 2000 if kind == 'foreign' else 10}, f)
+    if kind == 'int32':  # the same ids, 4 bytes each: an even byte count, every id under the vocabulary
+        for split in ('train', 'val'):
+            path = os.path.join(folder, f'{split}.bin')
+            np.fromfile(path, dtype=np.uint16).astype(np.int32).tofile(path)
+    if kind == 'cut':
+        with open(os.path.join(folder, 'train.bin'), 'r+b') as f:
+            f.truncate(os.path.getsize(os.path.join(folder, 'train.bin')) - 64)
+    if kind == 'dtype':
+        with open(os.path.join(folder, 'meta.pkl'), 'rb') as f:
+            meta = pickle.load(f)
+        with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
+            pickle.dump(dict(meta, dtype='int32'), f)
     if kind == 'meta':  # cut short
         with open(os.path.join(folder, 'meta.pkl'), 'r+b') as f:
             f.truncate(10)
@@ -830,6 +843,15 @@ BAD_INPUTS = {
     'an infinite learning rate': (
         lambda d, o, t, m: ('sophiag', resume(d, o, learning_rate='1e999')),
         'run', ['learning_rate=inf', 'must be finite']),
+    'token files of another dtype': (
+        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'int32'), 'int32'), o)),
+        'run', [os.path.join('int32', 'train.bin'), 'bytes but', 'uint16 tokens', 'of another dtype or dataset']),
+    'a token file cut short': (
+        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'cut'), 'cut'), o)),
+        'run', [os.path.join('cut', 'train.bin'), 'bytes but', 'or cut short']),
+    'meta.pkl of another dtype': (
+        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'dtype'), 'dtype'), o)),
+        'run', [os.path.join('dtype', 'meta.pkl'), "records dtype 'int32'", 'reads uint16']),
     'missing config file': (
         lambda d, o, t, m: ('sophiag', [os.path.join(t, 'nope.py')] + resume(d, o)),
         'run', ['nope.py not found']),

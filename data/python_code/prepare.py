@@ -3,8 +3,8 @@ A corpus big enough for GPU-scale runs that needs no download: every Python sour
 running interpreter can import (its standard library and its site-packages), in GPT-2 BPE. Or,
 with --input_dir, every text file in a folder of your own. Writes train.bin and val.bin (np.uint16
 GPT-2 token ids, each file's tokens followed by <|endoftext|> = 50256) and meta.pkl (vocab_size,
-tokenizer, the interpreter, the folders read, the file lists, token counts, what was skipped and
-why, and a fingerprint of the text) into --out_dir.
+tokenizer, dtype, the interpreter, the folders read, the file lists, token counts, what was
+skipped and why, and a fingerprint of the text) into --out_dir.
 
 This is Python code, not web text: a model trained on it learns to write Python, and its losses
 are not comparable with OpenWebText's. How much there is depends on what is installed: with
@@ -231,7 +231,7 @@ def main(argv=None):
                      f"give it more files")
         # the text's identity: every document of train, then of val, in order
         fingerprint = hashlib.sha256(b"".join(document_hashes["train"] + [b"val"] + document_hashes["val"])).hexdigest()
-        meta = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2",
+        meta = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16",
                 "source": "python" if python else "text", "roots": roots,
                 "interpreter": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
                 "files": len(kept["train"]) + len(kept["val"]),

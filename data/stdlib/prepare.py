@@ -3,8 +3,9 @@ The corpus of data/stdlib_char (the Python standard library's own source code, n
 tokenized with GPT-2 BPE instead of characters: real text for the GPT-2 configs where OpenWebText
 is not at hand, e.g. to check a GPU setup or measure throughput before the long download. Writes
 train.bin and val.bin (np.uint16 GPT-2 token ids, each file followed by <|endoftext|> = 50256) and
-meta.pkl ({'vocab_size': 50257, 'tokenizer': 'gpt2', ...}, with the file lists and the Python
-version and implementation the corpus came from) into --out_dir.
+meta.pkl ({'vocab_size': 50257, 'tokenizer': 'gpt2', ...}, with the file lists, the Python
+version and implementation the corpus came from, the dtype and each split's token count) into
+--out_dir.
 
 The files, their order, the "# file: ..." headers and the train/val split are exactly those of
 data/stdlib_char/prepare.py. On CPython 3.11.7 (Linux): 734 files, 12.1 MB, train 5,425,673
@@ -87,7 +88,8 @@ def main(argv=None):
         tokens[split] = np.concatenate([np.array(d + [enc.eot_token], dtype=np.uint16) for d in ids])
 
     meta = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "train_files": splits["train"],
-            "val_files": splits["val"], **rules.corpus_source(args.stdlib)}
+            "val_files": splits["val"], **rules.corpus_source(args.stdlib), "dtype": "uint16",
+            **{f"{split}_tokens": len(ids) for split, ids in tokens.items()}}
     # temporary names first, renamed only when all three are written: an interrupted run leaves
     # neither a train.bin that looks complete nor bins that disagree with meta.pkl
     os.makedirs(args.out_dir, exist_ok=True)
