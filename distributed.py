@@ -169,8 +169,9 @@ def watch_launcher(stop_flag, every=1.0):
     def watch():
         while os.getppid() == launcher:
             time.sleep(every)
-        print(f"the launcher (process {launcher}) is gone: stopping", file=sys.stderr, flush=True)
-        stop_flag.handle(signal.SIGTERM, None)
+        if not stop_flag.signum:  # a signal that reached the launcher too, SLURM's SIGUSR1, is acted on
+            print(f"the launcher (process {launcher}) is gone: stopping", file=sys.stderr, flush=True)
+            stop_flag.handle(signal.SIGTERM, None)
     threading.Thread(target=watch, name='launcher-watcher', daemon=True).start()
 
 # how gloo (torch 2.13) words a peer that hung past ddp_timeout or died: a plain RuntimeError

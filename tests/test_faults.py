@@ -197,17 +197,24 @@ def children(process):
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1], ids=['TERM', 'HUP', 'USR1'])
 def test_torchrun_sigterm_stops_both_processes_at_one_iteration(tmp_path, dataset, signum):
-    """torchrun passes SIGTERM and SIGHUP (a closed terminal) on to its workers; SIGUSR1 it does
-    not pass on, and SLURM sends it to every process of the job step: here to the workers. They
-    agree on the iteration to stop at, save once with both processes' RNG states, and exit."""
+    """torchrun passes SIGTERM and SIGHUP (a closed terminal) on to its workers. SIGUSR1 it does
+    not handle, and dies of it; SLURM sends it to every process of the job step, torchrun and the
+    workers alike, as here. The workers agree on the iteration to stop at, save once with both
+    processes' RNG states, and exit."""
     out = str(tmp_path / 'out')
     process = start(tmp_path, 'run', 'train_sophiag.py',
                     tiny_args(dataset, out, **dict(RUN, checkpoint_interval=100)), launcher=TORCHRUN)
     wait_for_iteration(process, out, 4)
-    for pid in children(process) if signum == signal.SIGUSR1 else [process.pid]:
+    workers = children(process)
+    for pid in [process.pid] + (workers if signum == signal.SIGUSR1 else []):
         os.kill(pid, signum)
-    _, err = finish(process)
+    finish(process)
     assert process.returncode != 0
+    deadline = time.time() + WAIT
+    while not all(map(ended, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    _, err = process.output()
+    assert 'is gone' not in err  # the signal is acted on, not the launcher's death, which followed it
     assert err.count(f'received {signum.name}: finishing this iteration') == 2  # each worker got it
     assert len(re.findall(rf'^stopped by {signum.name} at iteration', err, re.M)) == 1  # said once
     iter_num, path = stop_line(next(line for line in err.splitlines() if line.startswith('stopped')), signum.name)
@@ -348,6 +355,23 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     flag.handle(signal.SIGINT, None)
     flag.handle(signal.SIGTERM, None)
     assert exits == [143] and flag.signum == signal.SIGINT
+
+@pytest.mark.parametrize('signalled', [False, True])
+def test_a_worker_whose_launcher_is_gone_stops_once(monkeypatch, signalled):
+    """The launcher's death asks for a stop as SIGTERM would; where a signal (SLURM's SIGUSR1 to
+    every process) asked for one already, more than a second before, it is not a second signal,
+    which would exit without saving."""
+    exits = []
+    monkeypatch.setattr(os, '_exit', exits.append)
+    parents = iter([100] + [1] * 1000)  # the launcher, then init adopting the worker
+    monkeypatch.setattr(os, 'getppid', lambda: next(parents))
+    flag = trainer.SignalFlag()
+    if signalled:
+        flag.handle(signal.SIGUSR1, None)
+        flag.when -= 2
+    trainer.distributed.watch_launcher(flag, every=0.01)
+    time.sleep(0.5)
+    assert exits == [] and flag.signum == (signal.SIGUSR1 if signalled else signal.SIGTERM)
 
 # a wrapper around train_sophiag.py whose first training forward runs one CPU kernel of tens of
 # seconds (a matmul of two 10,000 x 10,000 matrices), noting when it starts and whether it ended
