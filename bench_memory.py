@@ -5,6 +5,7 @@ parameter, exp_avg and hessian against exp_avg and exp_avg_sq).
 
     $ python bench_memory.py                                  # 2 processes on the CPU, GPT-2 small
     $ python bench_memory.py --device=cuda --nproc=1 --models=gpt2,gpt2-medium,gpt2-large,gpt2-xl
+    $ python bench_memory.py --models=tiny --optimizers=sophiag --parallel=fsdp --json=memory.json
 
 Each configuration runs the real training script under torchrun for a few iterations (a Hessian
 pass after every step for Sophia-G, so its pass is counted) on random tokens, with micro-batches of
@@ -32,7 +33,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODELS = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
-          'gpt2-xl': (48, 25, 1600)}
+          'gpt2-xl': (48, 25, 1600),
+          'tiny': (1, 2, 16)}  # a toy size, seconds a run: what the tests and gpu_check.py's CPU mode run
 SCRIPTS = {'sophiag': 'train_sophiag.py', 'adamw': 'train_adam.py'}
 
 def random_tokens(folder, block_size):
@@ -78,31 +80,53 @@ def main():
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     parser.add_argument('--block_size', type=int, default=64, help='tokens per sequence (one per micro-batch)')
     parser.add_argument('--iters', type=int, default=3, help='iterations per run')
+    parser.add_argument('--optimizers', default='sophiag,adamw', help=f"comma-separated, from {', '.join(SCRIPTS)}")
+    parser.add_argument('--parallel', default='ddp,fsdp', help='comma-separated, from ddp, fsdp')
+    parser.add_argument('--json', default='', help='also write the rows to this file (rewritten after each row)')
     args = parser.parse_args()
     models = [name.strip() for name in args.models.split(',')]
     unknown = [name for name in models if name not in MODELS]
     if unknown:
         parser.exit(2, f"error: --models: {unknown[0]!r} is not one of {', '.join(MODELS)}\n")
+    optimizers = [name.strip() for name in args.optimizers.split(',')]
+    unknown = [name for name in optimizers if name not in SCRIPTS]
+    if unknown or not optimizers:
+        parser.exit(2, f"error: --optimizers: {(unknown or [''])[0]!r} is not one of {', '.join(SCRIPTS)}\n")
+    parallels = [name.strip() for name in args.parallel.split(',')]
+    if not parallels or any(name not in ('ddp', 'fsdp') for name in parallels):
+        parser.exit(2, f"error: --parallel: {args.parallel!r} is not a list from ddp, fsdp\n")
     where = f"{args.nproc} process{'es' if args.nproc > 1 else ''} on {args.device}, {args.dtype}"
     print(f"peak memory per process, MiB ({'resident' if args.device == 'cpu' else 'allocated by tensors'}; "
           f"{where}; micro-batches of 1 x {args.block_size} tokens, {args.iters} iterations)")
-    print(f"{'model':12s} {'parallel':8s} {'sophiag':>10s} {'adamw':>10s} {'sophiag / adamw':>16s}")
+    both = optimizers == ['sophiag', 'adamw']  # the ratio needs both, in this order
+    print(f"{'model':12s} {'parallel':8s} " + ' '.join(f"{name:>10s}" for name in optimizers)
+          + (f" {'sophiag / adamw':>16s}" if both else ''))
+    rows = []  # for --json: one per model, parallelism and optimizer
     with tempfile.TemporaryDirectory(prefix='bench-memory-') as scratch:
         random_tokens(scratch, args.block_size)
         for model in models:
-            for parallel in ('ddp', 'fsdp'):
+            for parallel in parallels:
                 peaks = {}
-                for optimizer in ('sophiag', 'adamw'):
+                for optimizer in optimizers:
                     out_dir = os.path.join(scratch, f'{model}-{parallel}-{optimizer}')
                     peaks[optimizer] = measure(model, parallel, optimizer, args, scratch, out_dir)
                 cells = [f"{peak:10,.0f}" if peak is not None else f"{reason[:10]:>10s}"
                          for peak, reason in peaks.values()]
-                ratio = peaks['sophiag'][0] / peaks['adamw'][0] if None not in (peaks['sophiag'][0], peaks['adamw'][0]) else None
-                print(f"{model:12s} {parallel:8s} {cells[0]} {cells[1]} {ratio:16.3f}" if ratio else
-                      f"{model:12s} {parallel:8s} {cells[0]} {cells[1]} {'-':>16s}", flush=True)
+                if both:
+                    ratio = None if None in (peaks['sophiag'][0], peaks['adamw'][0]) else \
+                        peaks['sophiag'][0] / peaks['adamw'][0]
+                    cells.append(f"{ratio:16.3f}" if ratio else f"{'-':>16s}")
+                print(f"{model:12s} {parallel:8s} " + ' '.join(cells), flush=True)
                 for optimizer, (peak, reason) in peaks.items():
                     if peak is None and reason != 'out of memory':
                         print(f"  {optimizer}: {reason}", flush=True)
+                    rows.append(dict(model=model, parallel=parallel, optimizer=optimizer, peak_mib=peak,
+                                     reason=reason))
+                if args.json:  # whole, then renamed: a run killed meanwhile leaves the rows so far
+                    with open(args.json + '.tmp', 'w') as f:
+                        json.dump(dict(device=args.device, nproc=args.nproc, dtype=args.dtype,
+                                       block_size=args.block_size, iters=args.iters, rows=rows), f, indent=1)
+                    os.replace(args.json + '.tmp', args.json)
 
 if __name__ == '__main__':
     main()

@@ -1,0 +1,152 @@
+"""gpu_check.py without a GPU: its toy CPU mode through every stage into the layout a GPU call
+writes, the stages' caps and failures, the report's tables from the committed example output
+(tests/gpu_check_example/, made by the toy mode) and its copy of the study runs, and the plan a
+GPU runs."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from argparse import Namespace
+
+import pytest
+
+from helpers import ROOT
+
+sys.path.insert(0, ROOT)
+import gpu_check  # noqa: E402
+
+EXAMPLE = os.path.join(ROOT, 'tests', 'gpu_check_example')
+
+def run_check(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'gpu_check.py')] + list(args), capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+def files_under(folder):
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names)
+
+def alive(pid):
+    """Whether the process runs (a zombie, ended but not yet reaped by init, does not)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+def test_tiny_mode_runs_every_stage_into_the_example_layout(tmp_path, gpt2_ranks_file):
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    started = time.time()
+    result = run_check('--tiny=True', f'--out={out}', f'--work={work}', '--nanogpt=',
+                       env=dict(GPT2_RANKS_FILE=gpt2_ranks_file))
+    seconds = time.time() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ['gpu-check.tar.gz', 'summary.md']  # the device tool returns <= 8 files
+    unpacked = tmp_path / 'unpacked'
+    with tarfile.open(out / 'gpu-check.tar.gz') as tar:
+        tar.extractall(unpacked, filter='data')
+    layout = unpacked / 'gpu-check'
+    manifest = json.loads((layout / 'manifest.json').read_text())
+    assert [(s['name'], s['status']) for s in manifest['stages']] == \
+        [(name, 'ok') for name in ('env', 'data', 'tests', 'e2e', 'optimizer', 'memory', 'split', 'study')]
+    assert files_under(layout) == files_under(EXAMPLE)  # the committed example has this very layout
+    assert manifest['stages'][-1]['study_runs'] == ['adamw-lr0.001']  # the tiny suite's first run
+    e2e = json.loads((layout / 'e2e.json').read_text())
+    assert all(len(v) == 1 and v[0] > 0 for v in e2e['tokens_per_s'].values())
+    assert (out / 'summary.md').read_text() == gpu_check.tables(str(layout))
+    print(f"tiny mode: {seconds:.0f} s")
+
+def test_report_rebuilds_the_tables_from_the_committed_example(tmp_path):
+    root = tmp_path / 'repo'
+    result = run_check(f'--report={EXAMPLE}', f'--study_root={root}')
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    e2e = json.load(open(os.path.join(EXAMPLE, 'e2e.json')))
+    mean = {label: statistics.harmonic_mean(v) for label, v in e2e['tokens_per_s'].items()}
+    for label, value in mean.items():
+        assert f"| `{label}` | {value:,.0f} |" in text
+    ratio = mean['train_sophiag.py'] / mean['train_adam.py']
+    assert f"Sophia-G / AdamW: {ratio:.3f}, against the arithmetic's ceiling of {e2e['expected_ratio']:.3f}" in text
+    optimizer = json.load(open(os.path.join(EXAMPLE, 'optimizer.json')))
+    adam = statistics.median(optimizer['ms']['AdamW fused'])
+    for name, ms in optimizer['ms'].items():
+        assert f"| {name} | {statistics.median(ms):.2f} " in text and f"| {statistics.median(ms) / adam:.2f} |" in text
+    for row in json.load(open(os.path.join(EXAMPLE, 'memory.json')))['rows']:
+        assert f"| {row['model']} | {row['parallel']} | {row['peak_mib']:,.0f} |" in text
+    for row in json.load(open(os.path.join(EXAMPLE, 'split.json')))['rows']:
+        assert f"| {row['optimizer']} | {row['forward_backward_ms']:.1f} | {row['step_ms']:.2f} |" in text
+    for stage in json.load(open(os.path.join(EXAMPLE, 'manifest.json')))['stages']:
+        assert f"| {stage['name']} | {stage['what']} | {stage['status']} |" in text
+    assert 'CUDA tests (`python -m pytest' in text and 'skipped' in text
+    # the study's runs land where study.py reads them, byte for byte
+    for name in os.listdir(os.path.join(EXAMPLE, 'study', 'tiny')):
+        assert (root / 'study' / 'tiny' / name).read_bytes() == \
+            open(os.path.join(EXAMPLE, 'study', 'tiny', name), 'rb').read()
+    assert 'next: python study.py --suite=tiny --report_only' in text
+    again = run_check(f'--report={EXAMPLE}', f'--study_root={root}')  # equal files: nothing to do
+    assert again.returncode == 0 and 'copied' not in again.stdout
+
+def test_report_keeps_a_committed_run_that_differs(tmp_path):
+    root = tmp_path / 'repo'
+    (root / 'study' / 'tiny').mkdir(parents=True)
+    mine = root / 'study' / 'tiny' / 'adamw-lr0.001.jsonl'
+    mine.write_text('{"kind": "config"}\n')
+    result = run_check(f'--report={EXAMPLE}', f'--study_root={root}')
+    assert result.returncode == 2 and result.stderr.count('\n') == 1
+    assert 'adamw-lr0.001.jsonl exists with other contents' in result.stderr
+    assert mine.read_text() == '{"kind": "config"}\n' and os.listdir(root / 'study' / 'tiny') == [mine.name]
+
+@pytest.mark.parametrize('args, message', [
+    (['--report=/nonexistent/gpu-check.tar.gz'], 'does not exist'),
+    ([f'--report={ROOT}'], 'no manifest.json'),
+    (['--tiny=True', '--stages=env,bogus'], "'bogus' is not a stage"),
+])
+def test_mistakes_are_one_line(tmp_path, args, message):
+    result = run_check(*args, f'--out={tmp_path / "out"}', f'--work={tmp_path / "work"}')
+    assert result.returncode == 2 and result.stderr.count('\n') == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / 'out').exists()
+
+def test_a_failed_or_slow_stage_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
+    """A stage past its cap is stopped with every process it started; one that fails is recorded;
+    one that cannot finish in what is left of the budget is skipped; the output is packed after each."""
+    child, never = tmp_path / 'child.pid', tmp_path / 'never'
+    sleeper = ('import subprocess, sys, time; p = subprocess.Popen([sys.executable, "-c", "import time; '
+               f'time.sleep(60)"]); open({str(child)!r}, "w").write(str(p.pid)); time.sleep(60)')
+    stages = [gpu_check.Stage('slow', 3, 1, [[sys.executable, '-c', sleeper]], 'sleeps'),
+              gpu_check.Stage('broken', 30, 1, [[sys.executable, '-c', 'import sys; sys.exit(3)'],
+                                                [sys.executable, '-c', f'open({str(never)!r}, "w")']], 'fails'),
+              gpu_check.Stage('fine', 30, 1, [[sys.executable, '-c', 'print("measured")']], 'prints'),
+              gpu_check.Stage('long', 30, 10 ** 4, [[sys.executable, '-c', 'pass']], 'too long')]
+    monkeypatch.setattr(gpu_check, 'plan_stages', lambda *args: stages)
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    args = Namespace(tiny=True, work=str(work), out=str(out), nanogpt='', budget=60.0, stages='')
+    started = time.time()
+    gpu_check.check(args)
+    assert time.time() - started < 30
+    manifest = json.loads((work / 'gpu-check' / 'manifest.json').read_text())
+    statuses = [s['status'] for s in manifest['stages']]
+    assert statuses[:3] == ['timed out', 'failed (exit 3)', 'ok']
+    assert statuses[3].startswith('skipped (') and statuses[3].endswith('s left, it needs 10000)')
+    assert not alive(int(child.read_text()))  # the grandchild ended with its stage
+    assert not never.exists()  # a stage stops at its first failing command
+    assert 'measured' in (work / 'gpu-check' / 'fine.log').read_text()
+    with tarfile.open(out / 'gpu-check.tar.gz') as tar:
+        assert 'gpu-check/fine.log' in tar.getnames()
+
+def test_the_gpu_plan_measures_what_the_readme_reports():
+    stages = {s.name: [' '.join(c) for c in s.commands]
+              for s in gpu_check.plan_stages(False, '/w', '/w/gpu-check', '/n', 330)}
+    assert list(stages) == ['env', 'data', 'tests', 'e2e', 'optimizer', 'memory', 'split', 'study']
+    e2e = stages['e2e'][0]
+    for part in ('config/train_gpt2_small_sophiag.py', '--device=cuda', '--dtype=bfloat16', '--compile=True',
+                 '--total_bs=48', '--end_to_end=True', '--optimizers=adamw,sophiag,muon', '--nanogpt=/n',
+                 '--gelu=exact', '--scale_attn_by_inverse_layer_idx=False'):
+        assert part in e2e
+    assert '--device=cuda' in stages['optimizer'][0] and '--device=cuda' in stages['memory'][0]
+    assert '--models=gpt2,gpt2-xl' in stages['memory'][0]
+    assert stages['study'][-1].endswith('study.py --suite=gpu --root=/w/study-root')
+    assert 'tests/test_sophia.py' in stages['tests'][0] and '-k cuda' in stages['tests'][0]
+    # the call in the docstring leaves the budget a minute to stop its last stage and pack
+    assert 'run(command="python3 gpu_check.py --out=$OUT", carry=[".gpu_check"], timeout_s=390)' in gpu_check.__doc__
