@@ -150,3 +150,17 @@ def test_the_gpu_plan_measures_what_the_readme_reports():
     assert 'tests/test_sophia.py' in stages['tests'][0] and '-k cuda' in stages['tests'][0]
     # the call in the docstring leaves the budget a minute to stop its last stage and pack
     assert 'run(command="python3 gpu_check.py --out=$OUT", carry=[".gpu_check"], timeout_s=390)' in gpu_check.__doc__
+
+def test_gpu_tables_give_mfu_against_both_peaks_and_nanogpt_by_its_tokens():
+    """On a GPU the scripts log MFU against the datasheet peak; the table adds it against the
+    product measured in the same call, and nanoGPT's from its tokens/s (same model and batch)."""
+    e2e = dict(tokens_per_iter=49152, dtype='bfloat16', compile=True, expected_ratio=0.909,
+               tokens_per_s={'train_adam.py': [400e3], 'train_sophiag.py': [360e3], 'train_muon.py': [],
+                             'nanoGPT train.py': [420e3]},
+               mfu={'train_adam.py': [0.40], 'train_sophiag.py': [0.39]})
+    text = gpu_check.e2e_table(e2e, datasheet=989e12, measured_peak=791e12)
+    assert '| `train_adam.py` | 400,000 | 40.0% | 50.0% | 1.000 |' in text
+    assert '| `train_sophiag.py` | 360,000 | 39.0% | 48.8% | 0.900 |' in text
+    assert '| nanoGPT `train.py` | 420,000 | 42.0% | 52.5% | 1.050 |' in text
+    assert 'train_muon.py' not in text  # a script the check did not reach has no row
+    assert "Sophia-G / AdamW: 0.900, against the arithmetic's ceiling of 0.909 (99.0% of it)." in text
