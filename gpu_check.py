@@ -106,8 +106,10 @@ def plan_stages(tiny, work, layout, nanogpt, budget):
     if tiny:
         # the quick start's size, on the CPU; a short block keeps nanoGPT's position table small
         model = ['--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=1', '--n_head=2',
-                 '--n_embd=16', '--block_size=16', '--batch_size=2', '--total_bs=4', '--hess_interval=2']
-        e2e_iters, split_iters = ['--bench_iters=2', '--bench_warmup=2'], ['--bench_iters=2', '--bench_warmup=1']
+                 '--n_embd=16', '--block_size=16', '--batch_size=2', '--total_bs=4',
+                 '--hess_interval=2']
+        e2e_iters = ['--bench_iters=2', '--bench_warmup=2']
+        split_iters = ['--bench_iters=2', '--bench_warmup=1']
         optimizer = ['--device=cpu', '--n_layer=1', '--n_embd=16', '--repeats=2', '--runs=1']
         # torchrun and its process take 10 s here: one run, the sharded one
         memory = ['--device=cpu', '--models=tiny', '--optimizers=sophiag', '--parallel=fsdp']
@@ -116,45 +118,48 @@ def plan_stages(tiny, work, layout, nanogpt, budget):
     else:
         # GPT-2 small with the official micro-batch of 12 x 1024 tokens, 4 micro-batches an
         # iteration (49,152 tokens), bf16 autocast, compiled
-        model = ['config/train_gpt2_small_sophiag.py', '--device=cuda', '--dtype=bfloat16', '--compile=True',
-                 '--total_bs=48']
-        e2e_iters, split_iters = ['--bench_iters=50', '--bench_warmup=20'], ['--bench_iters=20', '--bench_warmup=10']
+        model = ['config/train_gpt2_small_sophiag.py', '--device=cuda', '--dtype=bfloat16',
+                 '--compile=True', '--total_bs=48']
+        e2e_iters = ['--bench_iters=50', '--bench_warmup=20']
+        split_iters = ['--bench_iters=20', '--bench_warmup=10']
         optimizer = ['--device=cuda', '--repeats=50']
         memory = ['--device=cuda', '--models=gpt2,gpt2-xl', '--dtype=bfloat16']
         optimizers = 'adamw,sophiag,muon'
         study_suite = 'gpu'
     # nanoGPT's model: the exact GELU and no attention scaling by layer; every script gets the same
     same_model = ['--gelu=exact', '--scale_attn_by_inverse_layer_idx=False', f'--dataset={stdlib}']
-    study_root = os.path.join(work, 'study-root')
-    study = [py, 'study.py', f'--suite={study_suite}', f'--root={study_root}']
+    study = [py, 'study.py', f'--suite={study_suite}', f'--root={os.path.join(work, "study-root")}']
     study_commands = [study]
     if tiny:  # a corpus of one stdlib package; the gpu suite's study.py prepares data/python_code
         corpus = os.path.join(work, 'data', 'python_code')
-        study_commands.insert(0, [py, 'data/python_code/prepare.py', f'--out_dir={corpus}', '--num_proc=1',
-                                  '--roots', os.path.join(stdlib_folder(), 'email')])
+        package = os.path.join(stdlib_folder(), 'email')
+        study_commands.insert(0, [py, 'data/python_code/prepare.py', f'--out_dir={corpus}',
+                                  '--num_proc=1', '--roots', package])
         study += [f'--dataset={corpus}', '--max_runs=1']
+    env = [py, os.path.abspath(__file__), f'--probe={os.path.join(layout, "env.json")}']
+    tests = [py, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', '-k', 'cuda'] + test_files()
+    e2e = [py, 'bench.py'] + model + same_model + e2e_iters + [
+        '--end_to_end=True', f'--optimizers={optimizers}', '--bench_rounds=1',
+        f'--json_out={os.path.join(layout, "e2e.json")}']
+    e2e += [f'--nanogpt={nanogpt}'] if nanogpt else []
+    split = [py, 'bench.py'] + model + same_model + split_iters + [
+        f'--optimizers={optimizers}', '--bench_rounds=2', '--profile=True',
+        f'--out_dir={os.path.join(work, "split")}',
+        f'--json_out={os.path.join(layout, "split.json")}']
     stages = [
-        Stage('env', 60, 5, [[py, os.path.abspath(__file__), f'--probe={os.path.join(layout, "env.json")}']
-                             + (['--tiny=True'] if tiny else [])],
+        Stage('env', 60, 5, [env + (['--tiny=True'] if tiny else [])],
               'device, versions, the measured ceilings'),
         Stage('data', 90, 10, [[py, 'data/stdlib/prepare.py', f'--out_dir={stdlib}']],
               'the stdlib in GPT-2 BPE'),
-        Stage('tests', 150, 20, [[py, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', '-k', 'cuda']
-                                 + test_files()], 'the CUDA tests'),
-        Stage('e2e', 240, 60, [[py, 'bench.py'] + model + same_model + e2e_iters + [
-            '--end_to_end=True', f'--optimizers={optimizers}', '--bench_rounds=1',
-            f'--json_out={os.path.join(layout, "e2e.json")}'] + ([f'--nanogpt={nanogpt}'] if nanogpt else [])],
-              'the training scripts end to end'),
+        Stage('tests', 150, 20, [tests], 'the CUDA tests'),
+        Stage('e2e', 240, 60, [e2e], 'the training scripts end to end'),
         Stage('optimizer', 90, 10, [[py, 'bench_optimizer.py'] + optimizer
                                     + [f'--json={os.path.join(layout, "optimizer.json")}']],
               'the optimizer step alone'),
         Stage('memory', 150, 20, [[py, 'bench_memory.py', '--nproc=1'] + memory
                                   + [f'--json={os.path.join(layout, "memory.json")}']],
               'peak memory, DDP and FSDP'),
-        Stage('split', 150, 40, [[py, 'bench.py'] + model + same_model + split_iters + [
-            f'--optimizers={optimizers}', '--bench_rounds=2', '--profile=True',
-            f'--out_dir={os.path.join(work, "split")}', f'--json_out={os.path.join(layout, "split.json")}']],
-              'the in-process split and profile'),
+        Stage('split', 150, 40, [split], 'the in-process split and profile'),
         # about 4 minutes a GPU run (study.py): with less left, a run would be cut off
         Stage('study', budget, 270, study_commands, 'the missing study runs'),
     ]
@@ -180,8 +185,8 @@ def run_stage(stage, seconds, log_path):
                 command = command + [f'--time_budget={max(1, int(deadline - time.time()) - 10)}'] \
                     if command[1] == 'study.py' else command
             # a session of its own, so that the stage and every process it started end together
-            proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
             try:
                 status = proc.wait(timeout=max(1, deadline - time.time()))
             except subprocess.TimeoutExpired:
@@ -193,7 +198,8 @@ def run_stage(stage, seconds, log_path):
     return 'ok'
 
 def end_group(proc):
-    """SIGTERM to the process group (the training scripts stop cleanly on it), SIGKILL after 15 s."""
+    """SIGTERM to the process group (the training scripts stop cleanly on it), SIGKILL after
+    15 s."""
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -222,9 +228,10 @@ def probe(path, tiny):
         info['triton'] = None
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        info.update(memory_gib=props.total_memory / 2 ** 30, multiprocessors=props.multi_processor_count,
-                    driver=subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
-                                          capture_output=True, text=True).stdout.strip() or None)
+        smi = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                             capture_output=True, text=True)
+        info.update(memory_gib=props.total_memory / 2 ** 30, driver=smi.stdout.strip() or None,
+                    multiprocessors=props.multi_processor_count)
     info['peak_flops_datasheet'] = device_peak_flops(device, 'bfloat16')
 
     def median_seconds(fn, repeats):
@@ -243,12 +250,13 @@ def probe(path, tiny):
     n = 256 if tiny else 8192
     dtype = torch.float32 if tiny else torch.bfloat16  # bf16 products are slow on most CPUs
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    info['matmul'] = dict(n=n, dtype=str(dtype), flops_per_s=2 * n ** 3 / median_seconds(lambda: a @ b, 10))
+    info['matmul'] = dict(n=n, dtype=str(dtype),
+                          flops_per_s=2 * n ** 3 / median_seconds(lambda: a @ b, 10))
     values = (1 << 20) if tiny else (1 << 30)  # 2 GiB of bf16 each way on a GPU: far past the L2
     src = torch.randn(values, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    info['copy'] = dict(bytes=2 * src.numel() * 2,  # read plus written
-                        bytes_per_s=2 * src.numel() * 2 / median_seconds(lambda: dst.copy_(src), 10))
+    moved = 2 * src.numel() * 2  # bytes read plus written
+    info['copy'] = dict(bytes=moved, bytes_per_s=moved / median_seconds(lambda: dst.copy_(src), 10))
     with open(path, 'w') as f:
         json.dump(info, f, indent=1)
     print(json.dumps(info, indent=1))
@@ -257,7 +265,8 @@ def git_commit():
     result = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
-    return (result.stdout.strip() or None) and result.stdout.strip() + (' (with uncommitted changes)' if dirty else '')
+    commit = result.stdout.strip()
+    return (commit + (' (with uncommitted changes)' if dirty else '')) if commit else None
 
 def pack(work, out):
     """OUT/gpu-check.tar.gz of the layout and OUT/summary.md of its tables, each written whole
@@ -276,7 +285,8 @@ def check(args):
     tiny = args.tiny
     import torch
     if not tiny and not torch.cuda.is_available():
-        fail("this machine has no CUDA GPU: run the check on a lent GPU, or its CPU mode with --tiny=True")
+        fail("this machine has no CUDA GPU: run the check on a lent GPU, or its CPU mode with "
+             "--tiny=True")
     work = os.path.abspath(args.work)
     layout = os.path.join(work, LAYOUT)
     ranks = os.environ.get('GPT2_RANKS_FILE') or os.path.join(CARRY, 'gpt2.tiktoken')
@@ -284,11 +294,13 @@ def check(args):
         os.environ['GPT2_RANKS_FILE'] = ranks
     nanogpt = args.nanogpt if args.nanogpt is not None else \
         (os.path.join(CARRY, 'nanogpt') if os.path.isdir(os.path.join(CARRY, 'nanogpt')) else '')
-    stages = plan_stages(tiny, work, layout, os.path.abspath(nanogpt) if nanogpt else '', args.budget)
-    wanted = [name.strip() for name in args.stages.split(',')] if args.stages else [s.name for s in stages]
-    unknown = [name for name in wanted if name not in {s.name for s in stages}]
+    stages = plan_stages(tiny, work, layout, os.path.abspath(nanogpt) if nanogpt else '',
+                         args.budget)
+    names = [stage.name for stage in stages]
+    wanted = [name.strip() for name in args.stages.split(',')] if args.stages else names
+    unknown = [name for name in wanted if name not in names]
     if unknown:
-        fail(f"--stages: {unknown[0]!r} is not a stage; the stages: {', '.join(s.name for s in stages)}")
+        fail(f"--stages: {unknown[0]!r} is not a stage; the stages: {', '.join(names)}")
     if os.path.exists(layout):
         shutil.rmtree(layout)  # a check is made whole: nothing of an earlier one mixes in
     os.makedirs(layout)
@@ -297,36 +309,41 @@ def check(args):
     if 'study' in wanted:  # the study continues from the runs committed so far
         shutil.rmtree(os.path.join(work, 'study-root'), ignore_errors=True)
         os.makedirs(study_root)
-        with open(os.path.join(work, 'study-root', 'README.md'), 'w') as f:  # study.py writes its report here
-            f.write("The study's report of a check; the repository's is rebuilt from the committed runs "
-                    "(python study.py --suite=gpu --report_only).\n")
+        with open(os.path.join(work, 'study-root', 'README.md'), 'w') as f:  # study.py reports here
+            f.write("The study's report of a check; the repository's is rebuilt from the committed "
+                    "runs (python study.py --suite=gpu --report_only).\n")
         if os.path.isdir(os.path.join(ROOT, 'study', suite)):
             shutil.copytree(os.path.join(ROOT, 'study', suite), os.path.join(study_root, suite))
     committed_before = set(os.listdir(os.path.join(study_root, suite))) \
         if os.path.isdir(os.path.join(study_root, suite)) else set()
-    manifest = dict(mode='tiny' if tiny else 'gpu', date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec='seconds'), commit=git_commit(), budget_s=args.budget, nanogpt=bool(nanogpt),
-        gpt2_ranks=os.path.isfile(ranks), stages=[])
-    print(f"gpu_check ({manifest['mode']}): budget {args.budget:.0f} s, stages {', '.join(wanted)}", flush=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    manifest = dict(mode='tiny' if tiny else 'gpu', date=now.isoformat(timespec='seconds'),
+                    commit=git_commit(), budget_s=args.budget, nanogpt=bool(nanogpt),
+                    gpt2_ranks=os.path.isfile(ranks), stages=[])
+    print(f"gpu_check ({manifest['mode']}): budget {args.budget:.0f} s, stages {', '.join(wanted)}",
+          flush=True)
     for stage in stages:
         left = args.budget - (time.time() - started)
         entry = dict(name=stage.name, what=stage.what, cap_s=stage.cap,
-                     commands=[' '.join(shown(part) for part in command) for command in stage.commands])
+                     commands=[' '.join(map(shown, command)) for command in stage.commands])
         if stage.name not in wanted:
             entry.update(status='not asked for', seconds=0)
         elif left < stage.min_left:
-            entry.update(status=f'skipped ({left:.0f} s left, it needs {stage.min_left:.0f})', seconds=0)
+            entry.update(status=f'skipped ({left:.0f} s left, it needs {stage.min_left:.0f})',
+                         seconds=0)
         else:
             begun = time.time()
-            entry['status'] = run_stage(stage, min(stage.cap, left), os.path.join(layout, f'{stage.name}.log'))
+            log = os.path.join(layout, f'{stage.name}.log')
+            entry['status'] = run_stage(stage, min(stage.cap, left), log)
             entry['seconds'] = round(time.time() - begun, 1)
-        if stage.name == 'study' and os.path.isdir(os.path.join(study_root, suite)):
-            new = sorted(set(os.listdir(os.path.join(study_root, suite))) - committed_before)
+        runs = os.path.join(study_root, suite)
+        if stage.name == 'study' and os.path.isdir(runs):
+            new = sorted(set(os.listdir(runs)) - committed_before)
             new = [name for name in new if name.endswith(('.json', '.jsonl'))]
             if new:
                 os.makedirs(os.path.join(layout, 'study', suite))
             for name in new:
-                shutil.copy(os.path.join(study_root, suite, name), os.path.join(layout, 'study', suite, name))
+                shutil.copy(os.path.join(runs, name), os.path.join(layout, 'study', suite, name))
             entry['study_runs'] = sorted(name[:-5] for name in new if name.endswith('.json'))
         manifest['stages'].append(entry)
         manifest['seconds'] = round(time.time() - started, 1)
@@ -334,7 +351,8 @@ def check(args):
             json.dump(manifest, f, indent=1)
         pack(work, args.out)
         print(f"{stage.name:10s} {entry['status']:40s} {entry['seconds']:7.1f} s", flush=True)
-    print(f"\nwrote {os.path.join(args.out, TARBALL)} and summary.md in {time.time() - started:.0f} s\n")
+    print(f"\nwrote {os.path.join(args.out, TARBALL)} and summary.md in "
+          f"{time.time() - started:.0f} s\n")
     print(tables(layout))
 
 def shown(part):
@@ -364,29 +382,26 @@ def tables(layout):
     if manifest is None:
         return 'no manifest.json: not the output of gpu_check.py\n'
     parts = []
-    head = f"gpu_check.py ({manifest['mode']} mode), {manifest['date']}, commit {manifest['commit']}"
+    head = (f"gpu_check.py ({manifest['mode']} mode), {manifest['date']}, "
+            f"commit {manifest['commit']}")
     if env:
-        peak = env['peak_flops_datasheet']
-        head += (f"; {env['device']}, PyTorch {env['torch']}, CUDA {env['cuda']}, Triton {env['triton']}, "
-                 f"Python {env['python']}; measured: a {env['matmul']['n']}³ {env['matmul']['dtype']} product "
-                 f"{env['matmul']['flops_per_s'] / 1e12:.3g} TFLOP/s, a copy {env['copy']['bytes_per_s'] / 1e12:.3g} "
-                 f"TB/s (read + written)" + (f"; datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else ''))
+        peak, matmul, copy = env['peak_flops_datasheet'], env['matmul'], env['copy']
+        head += (f"; {env['device']}, PyTorch {env['torch']}, CUDA {env['cuda']}, "
+                 f"Triton {env['triton']}, Python {env['python']}; measured: a {matmul['n']}³ "
+                 f"{matmul['dtype']} product {matmul['flops_per_s'] / 1e12:.3g} TFLOP/s, a copy "
+                 f"{copy['bytes_per_s'] / 1e12:.3g} TB/s (read + written)"
+                 + (f"; datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else ''))
     parts.append(head + '.')
     parts.append(markdown(['stage', 'what', 'status', 'seconds'],
-                          [[s['name'], s['what'], s['status'], f"{s['seconds']:.0f}"] for s in manifest['stages']]))
+                          [[s['name'], s['what'], s['status'], f"{s['seconds']:.0f}"]
+                           for s in manifest['stages']]))
     measured_peak = env['matmul']['flops_per_s'] if env and manifest['mode'] == 'gpu' else None
     e2e = read_json(layout, 'e2e.json')
     if e2e:
         parts.append(e2e_table(e2e, env['peak_flops_datasheet'] if env else None, measured_peak))
     split = read_json(layout, 'split.json')
     if split:
-        rows = [[r['optimizer'], f"{r['forward_backward_ms']:.1f}", f"{r['step_ms']:.2f}",
-                 '-' if r['hessian_ms_per_iter'] is None else f"{r['hessian_ms_per_iter']:.1f}",
-                 f"{r['ms_per_iter']:.1f}", f"{r['tokens_per_s']:,.0f}", percent(r['mfu'])] for r in split['rows']]
-        parts.append(f"In one process ({split['tokens_per_iter']:,} tokens an iteration, {split['dtype']}, "
-                     f"compile {split['compile']}), ms per iteration:\n\n" + markdown(
-                         ['optimizer', 'forward+backward', 'step', 'Hessian pass / iteration', 'total',
-                          'tokens/s', 'MFU'], rows))
+        parts.append(split_table(split))
     optimizer = read_json(layout, 'optimizer.json')
     if optimizer:
         parts.append(optimizer_table(optimizer))
@@ -397,7 +412,8 @@ def tables(layout):
     if os.path.isfile(tests):
         with open(tests) as f:
             lines = [line.strip() for line in f if line.strip()]
-        summary = next((line for line in reversed(lines) if re.search(r'\b(passed|failed|skipped|error)', line)),
+        pattern = re.compile(r'\b(passed|failed|skipped|error)')
+        summary = next((line for line in reversed(lines) if pattern.search(line)),
                        'no summary line')
         command = next(s['commands'][0] for s in manifest['stages'] if s['name'] == 'tests')
         parts.append(f"CUDA tests (`{command}`): {summary.strip('= ')}")
@@ -408,6 +424,8 @@ def tables(layout):
     return '\n\n'.join(parts) + '\n'
 
 def e2e_table(e2e, datasheet, measured_peak):
+    """Tokens/s (the mean over rounds of time per token), MFU as the scripts logged it against
+    the datasheet peak and rescaled to the measured one, and each script over train_adam.py."""
     tokens = {label: values for label, values in e2e['tokens_per_s'].items() if values}
     mean = {label: len(v) / sum(1 / x for x in v) for label, v in tokens.items()}
     mfu = {label: sum(v) / len(v) for label, v in e2e['mfu'].items() if v}
@@ -416,42 +434,55 @@ def e2e_table(e2e, datasheet, measured_peak):
         mfu[nano] = mfu[adam] * mean[nano] / mean[adam]
     rows = []
     for label, value in mean.items():
-        row = [f'`{label}`' if label != nano else 'nanoGPT `train.py`', f'{value:,.0f}', percent(mfu.get(label))]
+        name = f'`{label}`' if label != nano else 'nanoGPT `train.py`'
+        row = [name, f'{value:,.0f}', percent(mfu.get(label))]
         if measured_peak:
-            row.append(percent(mfu[label] * datasheet / measured_peak) if label in mfu and datasheet else '-')
+            known = label in mfu and datasheet
+            row.append(percent(mfu[label] * datasheet / measured_peak) if known else '-')
         row.append(f'{value / mean[adam]:.3f}' if adam in mean else '-')
         rows.append(row)
-    header = ['script', 'tokens/s', 'MFU (datasheet peak)'] + (['MFU (measured matmul)'] if measured_peak else []) \
-        + ['/ `train_adam.py`']
+    header = ['script', 'tokens/s', 'MFU (datasheet peak)'] \
+        + (['MFU (measured matmul)'] if measured_peak else []) + ['/ `train_adam.py`']
     text = (f"End to end, {e2e['tokens_per_iter']:,} tokens an iteration, {e2e['dtype']}, compile "
             f"{e2e['compile']}:\n\n" + markdown(header, rows))
     if adam in mean and sophia in mean:
         ratio, ceiling = mean[sophia] / mean[adam], e2e['expected_ratio']
-        text += (f"\n\nSophia-G / AdamW: {ratio:.3f}, against the arithmetic's ceiling of {ceiling:.3f} "
-                 f"({ratio / ceiling:.1%} of it).")
+        text += (f"\n\nSophia-G / AdamW: {ratio:.3f}, against the arithmetic's ceiling of "
+                 f"{ceiling:.3f} ({ratio / ceiling:.1%} of it).")
     return text
+
+def split_table(split):
+    rows = [[r['optimizer'], f"{r['forward_backward_ms']:.1f}", f"{r['step_ms']:.2f}",
+             '-' if r['hessian_ms_per_iter'] is None else f"{r['hessian_ms_per_iter']:.1f}",
+             f"{r['ms_per_iter']:.1f}", f"{r['tokens_per_s']:,.0f}", percent(r['mfu'])]
+            for r in split['rows']]
+    header = ['optimizer', 'forward+backward', 'step', 'Hessian pass / iteration', 'total',
+              'tokens/s', 'MFU']
+    return (f"In one process ({split['tokens_per_iter']:,} tokens an iteration, {split['dtype']}, "
+            f"compile {split['compile']}), ms per iteration:\n\n" + markdown(header, rows))
 
 def optimizer_table(optimizer):
     import statistics
-    ms = optimizer['ms']
-    adam = ms.get('AdamW fused')
-    rows = [[name, f"{statistics.median(v):.2f} ({min(v):.2f}–{max(v):.2f})",
-             f"{statistics.median(v) / statistics.median(adam):.2f}" if adam else '-'] for name, v in ms.items()]
+    median = {name: statistics.median(values) for name, values in optimizer['ms'].items()}
+    adam = median.get('AdamW fused')
+    rows = [[name, f"{median[name]:.2f} ({min(values):.2f}–{max(values):.2f})",
+             f"{median[name] / adam:.2f}" if adam else '-']
+            for name, values in optimizer['ms'].items()]
     return (f"The optimizer step alone ({optimizer['device']}, {optimizer['tensors']} tensors, "
-            f"{optimizer['values'] / 1e6:.2f}M values; the default SophiaG path: {optimizer['default_path']}; "
-            f"median of {optimizer['runs']} runs of {optimizer['repeats']} calls):\n\n"
+            f"{optimizer['values'] / 1e6:.2f}M values; the default SophiaG path: "
+            f"{optimizer['default_path']}; median of {optimizer['runs']} runs of "
+            f"{optimizer['repeats']} calls):\n\n"
             + markdown(['candidate', 'ms (range)', '/ AdamW fused'], rows))
 
 def memory_table(memory):
-    cells = {}
-    for row in memory['rows']:
-        cells[(row['model'], row['parallel'], row['optimizer'])] = \
-            f"{row['peak_mib']:,.0f}" if row['peak_mib'] is not None else row['reason']
+    cells = {(row['model'], row['parallel'], row['optimizer']):
+             f"{row['peak_mib']:,.0f}" if row['peak_mib'] is not None else row['reason']
+             for row in memory['rows']}
     keys = list(dict.fromkeys((row['model'], row['parallel']) for row in memory['rows']))
-    rows = [[model, parallel, cells.get((model, parallel, 'sophiag'), '-'), cells.get((model, parallel, 'adamw'), '-')]
-            for model, parallel in keys]
-    return (f"Peak memory, MiB ({memory['nproc']} process on {memory['device']}, {memory['dtype']}, "
-            f"micro-batches of 1 × {memory['block_size']} tokens):\n\n"
+    rows = [[model, parallel] + [cells.get((model, parallel, name), '-')
+                                 for name in ('sophiag', 'adamw')] for model, parallel in keys]
+    return (f"Peak memory, MiB ({memory['nproc']} process on {memory['device']}, "
+            f"{memory['dtype']}, micro-batches of 1 × {memory['block_size']} tokens):\n\n"
             + markdown(['model', 'parallel', 'Sophia-G', 'AdamW'], rows))
 
 def report(args):
@@ -459,7 +490,8 @@ def report(args):
     it committed into <study_root>/study/<suite>/: new files only, an existing one must be equal."""
     path = args.report
     if not os.path.exists(path):
-        fail(f"--report={path} does not exist; give the gpu-check.tar.gz a check wrote, or its folder")
+        fail(f"--report={path} does not exist; give the gpu-check.tar.gz a check wrote, or its "
+             f"folder")
     with tempfile.TemporaryDirectory(prefix='gpu-check-report-') as scratch:
         if os.path.isfile(path):
             try:
@@ -482,16 +514,18 @@ def report(args):
                 if os.path.exists(dst):
                     with open(src, 'rb') as a, open(dst, 'rb') as b:
                         if a.read() != b.read():
-                            fail(f"{dst} exists with other contents: the check's run {name} is not the "
-                                 f"committed one; remove one of them")
+                            fail(f"{dst} exists with other contents: the check's run {name} is "
+                                 f"not the committed one; remove one of them")
                     continue
-                copies.append((src, dst))
-        for src, dst in sorted(copies, key=lambda c: c[1].endswith('.json')):  # records last, as study.py
+                copies.append((suite, src, dst))
+        # each log before its record, as study.py writes them: a record means a complete log
+        for suite, src, dst in sorted(copies, key=lambda copy: copy[2].endswith('.json')):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copy(src, dst)
-        for suite in sorted({os.path.basename(os.path.dirname(dst)) for _, dst in copies}):
-            print(f"copied {sum(1 for _, d in copies if os.path.basename(os.path.dirname(d)) == suite)} files into "
-                  f"study/{suite}/; next: python study.py --suite={suite} --report_only")
+        for suite in sorted({suite for suite, _, _ in copies}):
+            count = sum(1 for copied, _, _ in copies if copied == suite)
+            print(f"copied {count} files into study/{suite}/; next: "
+                  f"python study.py --suite={suite} --report_only")
 
 # -----------------------------------------------------------------------------
 # preparing what travels
@@ -500,19 +534,23 @@ def prepare(args):
     """.gpu_check/: the GPT-2 ranks and nanoGPT's three files, for a machine without network."""
     os.makedirs(CARRY, exist_ok=True)
     ranks = os.path.join(CARRY, 'gpt2.tiktoken')
-    source = os.environ.get('GPT2_RANKS_FILE') or os.path.expanduser('~/.cache/sophia-gpt2-test/gpt2.tiktoken')
+    cached = os.path.expanduser('~/.cache/sophia-gpt2-test/gpt2.tiktoken')  # the tests' copy
+    source = os.environ.get('GPT2_RANKS_FILE') or cached
     if os.path.isfile(source):
         shutil.copy(source, ranks)
     else:  # the openai-whisper sdist from PyPI ships them
         with tempfile.TemporaryDirectory() as scratch:
-            result = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',
-                                     WHISPER_SDIST, '-d', scratch], capture_output=True, text=True)
+            result = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps',
+                                     '--no-binary', ':all:', WHISPER_SDIST, '-d', scratch],
+                                    capture_output=True, text=True)
             if result.returncode != 0:
-                fail(f"no GPT-2 ranks: set GPT2_RANKS_FILE to a gpt2.tiktoken, or let pip reach PyPI "
-                     f"({WHISPER_SDIST})")
-            sdist = next(os.path.join(scratch, n) for n in os.listdir(scratch) if n.endswith('.tar.gz'))
+                fail(f"no GPT-2 ranks: set GPT2_RANKS_FILE to a gpt2.tiktoken, or let pip reach "
+                     f"PyPI ({WHISPER_SDIST})")
+            sdist = next(os.path.join(scratch, name) for name in os.listdir(scratch)
+                         if name.endswith('.tar.gz'))
             with tarfile.open(sdist) as tar:
-                member = next(m for m in tar.getmembers() if m.name.endswith('whisper/assets/gpt2.tiktoken'))
+                member = next(m for m in tar.getmembers()
+                              if m.name.endswith('whisper/assets/gpt2.tiktoken'))
                 with open(ranks, 'wb') as f:
                     f.write(tar.extractfile(member).read())
     print(f"wrote {os.path.relpath(ranks, ROOT)}")
@@ -525,9 +563,11 @@ def prepare(args):
         if os.path.isfile(os.path.join(args.nanogpt, name)):  # a checkout
             shutil.copy(os.path.join(args.nanogpt, name), os.path.join(target, name))
             continue
-        result = subprocess.run(['git', f'--git-dir={args.nanogpt}', 'show', f'HEAD:{name}'], capture_output=True)
+        result = subprocess.run(['git', f'--git-dir={args.nanogpt}', 'show', f'HEAD:{name}'],
+                                capture_output=True)
         if result.returncode != 0:
-            fail(f"--nanogpt={args.nanogpt}: no {name} there; give a nanoGPT checkout or its git repository")
+            fail(f"--nanogpt={args.nanogpt}: no {name} there; give a nanoGPT checkout or its git "
+                 f"repository")
         with open(os.path.join(target, name), 'wb') as f:
             f.write(result.stdout)
     print(f"wrote {os.path.relpath(target, ROOT)}/: {', '.join(NANOGPT_FILES)}")
@@ -540,22 +580,29 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default=os.environ.get('OUT') or 'out-gpu-check',
-                        help='where gpu-check.tar.gz and summary.md go (default: $OUT, else out-gpu-check)')
+                        help='where gpu-check.tar.gz and summary.md go (default: $OUT, else '
+                             'out-gpu-check)')
     parser.add_argument('--work', default=os.path.join(ROOT, 'out-gpu-check-work'),
                         help='where the layout, the data and the study runs are made')
     parser.add_argument('--tiny', type=lambda v: {'True': True, 'False': False}[v], default=False,
                         help='True: the toy CPU mode (the same stages and layout, about a minute)')
     parser.add_argument('--budget', type=float, default=None,
                         help='seconds for all stages (default: 330 on a GPU, 600 with --tiny=True)')
-    parser.add_argument('--stages', default='', help='comma-separated: only these stages (default: all)')
+    parser.add_argument('--stages', default='',
+                        help='comma-separated: only these stages (default: all)')
     parser.add_argument('--nanogpt', default=None,
-                        help='--prepare: a nanoGPT checkout or git repository to copy from; the check: the '
-                             "folder of nanoGPT's train.py (default: .gpu_check/nanogpt when there, '' for none)")
-    parser.add_argument('--prepare', action='store_true', help='fill .gpu_check/ for a machine without network')
-    parser.add_argument('--report', default=None, help="a check's gpu-check.tar.gz or folder: print its tables "
-                                                       "and copy its study runs")
-    parser.add_argument('--study_root', default=ROOT, help='--report: the folder whose study/ takes the runs')
-    parser.add_argument('--probe', default=None, help=argparse.SUPPRESS)  # the env stage, in its own process
+                        help='--prepare: a nanoGPT checkout or git repository to copy from; the '
+                             "check: the folder of nanoGPT's train.py (default: .gpu_check/nanogpt "
+                             "when there, '' for none)")
+    parser.add_argument('--prepare', action='store_true',
+                        help='fill .gpu_check/ for a machine without network')
+    parser.add_argument('--report', default=None,
+                        help="a check's gpu-check.tar.gz or folder: print its tables and copy its "
+                             "study runs")
+    parser.add_argument('--study_root', default=ROOT,
+                        help='--report: the folder whose study/ takes the runs')
+    # the env stage, in a process of its own
+    parser.add_argument('--probe', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.budget is None:
         args.budget = 600 if args.tiny else 330

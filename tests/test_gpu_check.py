@@ -22,11 +22,13 @@ import gpu_check  # noqa: E402
 EXAMPLE = os.path.join(ROOT, 'tests', 'gpu_check_example')
 
 def run_check(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'gpu_check.py')] + list(args), capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout, env=dict(os.environ, **(env or {})))
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'gpu_check.py')] + list(args),
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
 
 def files_under(folder):
-    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names)
+    return sorted(os.path.relpath(os.path.join(d, n), folder)
+                  for d, _, names in os.walk(folder) for n in names)
 
 def alive(pid):
     """Whether the process runs (a zombie, ended but not yet reaped by init, does not)."""
@@ -43,14 +45,15 @@ def test_tiny_mode_runs_every_stage_into_the_example_layout(tmp_path, gpt2_ranks
                        env=dict(GPT2_RANKS_FILE=gpt2_ranks_file))
     seconds = time.time() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ['gpu-check.tar.gz', 'summary.md']  # the device tool returns <= 8 files
+    # the device tool brings back at most 8 files
+    assert sorted(os.listdir(out)) == ['gpu-check.tar.gz', 'summary.md']
     unpacked = tmp_path / 'unpacked'
     with tarfile.open(out / 'gpu-check.tar.gz') as tar:
         tar.extractall(unpacked, filter='data')
     layout = unpacked / 'gpu-check'
     manifest = json.loads((layout / 'manifest.json').read_text())
-    assert [(s['name'], s['status']) for s in manifest['stages']] == \
-        [(name, 'ok') for name in ('env', 'data', 'tests', 'e2e', 'optimizer', 'memory', 'split', 'study')]
+    stages = ('env', 'data', 'tests', 'e2e', 'optimizer', 'memory', 'split', 'study')
+    assert [(s['name'], s['status']) for s in manifest['stages']] == [(n, 'ok') for n in stages]
     assert files_under(layout) == files_under(EXAMPLE)  # the committed example has this very layout
     assert manifest['stages'][-1]['study_runs'] == ['adamw-lr0.001']  # the tiny suite's first run
     e2e = json.loads((layout / 'e2e.json').read_text())
@@ -68,15 +71,18 @@ def test_report_rebuilds_the_tables_from_the_committed_example(tmp_path):
     for label, value in mean.items():
         assert f"| `{label}` | {value:,.0f} |" in text
     ratio = mean['train_sophiag.py'] / mean['train_adam.py']
-    assert f"Sophia-G / AdamW: {ratio:.3f}, against the arithmetic's ceiling of {e2e['expected_ratio']:.3f}" in text
+    assert (f"Sophia-G / AdamW: {ratio:.3f}, against the arithmetic's ceiling of "
+            f"{e2e['expected_ratio']:.3f}") in text
     optimizer = json.load(open(os.path.join(EXAMPLE, 'optimizer.json')))
     adam = statistics.median(optimizer['ms']['AdamW fused'])
     for name, ms in optimizer['ms'].items():
-        assert f"| {name} | {statistics.median(ms):.2f} " in text and f"| {statistics.median(ms) / adam:.2f} |" in text
+        assert f"| {name} | {statistics.median(ms):.2f} " in text
+        assert f"| {statistics.median(ms) / adam:.2f} |" in text
     for row in json.load(open(os.path.join(EXAMPLE, 'memory.json')))['rows']:
         assert f"| {row['model']} | {row['parallel']} | {row['peak_mib']:,.0f} |" in text
     for row in json.load(open(os.path.join(EXAMPLE, 'split.json')))['rows']:
-        assert f"| {row['optimizer']} | {row['forward_backward_ms']:.1f} | {row['step_ms']:.2f} |" in text
+        cells = f"| {row['optimizer']} | {row['forward_backward_ms']:.1f} | {row['step_ms']:.2f} |"
+        assert cells in text
     for stage in json.load(open(os.path.join(EXAMPLE, 'manifest.json')))['stages']:
         assert f"| {stage['name']} | {stage['what']} | {stage['status']} |" in text
     assert 'CUDA tests (`python -m pytest' in text and 'skipped' in text
@@ -96,7 +102,8 @@ def test_report_keeps_a_committed_run_that_differs(tmp_path):
     result = run_check(f'--report={EXAMPLE}', f'--study_root={root}')
     assert result.returncode == 2 and result.stderr.count('\n') == 1
     assert 'adamw-lr0.001.jsonl exists with other contents' in result.stderr
-    assert mine.read_text() == '{"kind": "config"}\n' and os.listdir(root / 'study' / 'tiny') == [mine.name]
+    assert mine.read_text() == '{"kind": "config"}\n'
+    assert os.listdir(root / 'study' / 'tiny') == [mine.name]
 
 @pytest.mark.parametrize('args, message', [
     (['--report=/nonexistent/gpu-check.tar.gz'], 'does not exist'),
@@ -105,19 +112,24 @@ def test_report_keeps_a_committed_run_that_differs(tmp_path):
 ])
 def test_mistakes_are_one_line(tmp_path, args, message):
     result = run_check(*args, f'--out={tmp_path / "out"}', f'--work={tmp_path / "work"}')
-    assert result.returncode == 2 and result.stderr.count('\n') == 1 and message in result.stderr, result.stderr
-    assert not (tmp_path / 'out').exists()
+    assert result.returncode == 2 and result.stderr.count('\n') == 1, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'work').exists()
 
 def test_a_failed_or_slow_stage_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
     """A stage past its cap is stopped with every process it started; one that fails is recorded;
-    one that cannot finish in what is left of the budget is skipped; the output is packed after each."""
+    one that cannot finish in what is left of the budget is skipped; the output is packed after
+    each."""
     child, never = tmp_path / 'child.pid', tmp_path / 'never'
-    sleeper = ('import subprocess, sys, time; p = subprocess.Popen([sys.executable, "-c", "import time; '
-               f'time.sleep(60)"]); open({str(child)!r}, "w").write(str(p.pid)); time.sleep(60)')
+    sleeper = ('import subprocess, sys, time; '
+               'p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]); '
+               f'open({str(child)!r}, "w").write(str(p.pid)); time.sleep(60)')
+    broken = [[sys.executable, '-c', 'import sys; sys.exit(3)'],
+              [sys.executable, '-c', f'open({str(never)!r}, "w")']]
     stages = [gpu_check.Stage('slow', 3, 1, [[sys.executable, '-c', sleeper]], 'sleeps'),
-              gpu_check.Stage('broken', 30, 1, [[sys.executable, '-c', 'import sys; sys.exit(3)'],
-                                                [sys.executable, '-c', f'open({str(never)!r}, "w")']], 'fails'),
-              gpu_check.Stage('fine', 30, 1, [[sys.executable, '-c', 'print("measured")']], 'prints'),
+              gpu_check.Stage('broken', 30, 1, broken, 'fails'),
+              gpu_check.Stage('fine', 30, 1, [[sys.executable, '-c', 'print("measured")']],
+                              'prints'),
               gpu_check.Stage('long', 30, 10 ** 4, [[sys.executable, '-c', 'pass']], 'too long')]
     monkeypatch.setattr(gpu_check, 'plan_stages', lambda *args: stages)
     out, work = tmp_path / 'out', tmp_path / 'work'
@@ -140,8 +152,9 @@ def test_the_gpu_plan_measures_what_the_readme_reports():
               for s in gpu_check.plan_stages(False, '/w', '/w/gpu-check', '/n', 330)}
     assert list(stages) == ['env', 'data', 'tests', 'e2e', 'optimizer', 'memory', 'split', 'study']
     e2e = stages['e2e'][0]
-    for part in ('config/train_gpt2_small_sophiag.py', '--device=cuda', '--dtype=bfloat16', '--compile=True',
-                 '--total_bs=48', '--end_to_end=True', '--optimizers=adamw,sophiag,muon', '--nanogpt=/n',
+    for part in ('config/train_gpt2_small_sophiag.py', '--device=cuda', '--dtype=bfloat16',
+                 '--compile=True', '--total_bs=48', '--end_to_end=True',
+                 '--optimizers=adamw,sophiag,muon', '--nanogpt=/n',
                  '--gelu=exact', '--scale_attn_by_inverse_layer_idx=False'):
         assert part in e2e
     assert '--device=cuda' in stages['optimizer'][0] and '--device=cuda' in stages['memory'][0]
@@ -149,18 +162,20 @@ def test_the_gpu_plan_measures_what_the_readme_reports():
     assert stages['study'][-1].endswith('study.py --suite=gpu --root=/w/study-root')
     assert 'tests/test_sophia.py' in stages['tests'][0] and '-k cuda' in stages['tests'][0]
     # the call in the docstring leaves the budget a minute to stop its last stage and pack
-    assert 'run(command="python3 gpu_check.py --out=$OUT", carry=[".gpu_check"], timeout_s=390)' in gpu_check.__doc__
+    call = 'run(command="python3 gpu_check.py --out=$OUT", carry=[".gpu_check"], timeout_s=390)'
+    assert call in gpu_check.__doc__
 
 def test_gpu_tables_give_mfu_against_both_peaks_and_nanogpt_by_its_tokens():
     """On a GPU the scripts log MFU against the datasheet peak; the table adds it against the
     product measured in the same call, and nanoGPT's from its tokens/s (same model and batch)."""
     e2e = dict(tokens_per_iter=49152, dtype='bfloat16', compile=True, expected_ratio=0.909,
-               tokens_per_s={'train_adam.py': [400e3], 'train_sophiag.py': [360e3], 'train_muon.py': [],
-                             'nanoGPT train.py': [420e3]},
+               tokens_per_s={'train_adam.py': [400e3], 'train_sophiag.py': [360e3],
+                             'train_muon.py': [], 'nanoGPT train.py': [420e3]},
                mfu={'train_adam.py': [0.40], 'train_sophiag.py': [0.39]})
     text = gpu_check.e2e_table(e2e, datasheet=989e12, measured_peak=791e12)
     assert '| `train_adam.py` | 400,000 | 40.0% | 50.0% | 1.000 |' in text
     assert '| `train_sophiag.py` | 360,000 | 39.0% | 48.8% | 0.900 |' in text
     assert '| nanoGPT `train.py` | 420,000 | 42.0% | 52.5% | 1.050 |' in text
     assert 'train_muon.py' not in text  # a script the check did not reach has no row
-    assert "Sophia-G / AdamW: 0.900, against the arithmetic's ceiling of 0.909 (99.0% of it)." in text
+    assert "Sophia-G / AdamW: 0.900, against the arithmetic's ceiling of 0.909 (99.0% of it)." \
+        in text
