@@ -84,7 +84,7 @@ def bench_defaults():
         profile=False,  # also profile a few iterations per optimizer: chrome trace in out_dir, top ops printed
         end_to_end=False,  # run the real training scripts instead (see the module docstring)
         nanogpt='',  # end to end: also run train.py of a nanoGPT checkout at this path
-        json_out='',  # also write the results to this JSON file (end to end: rewritten after every run)
+        json_out='',  # also write the results to this JSON file (end to end: after every run)
     )
     return config
 
@@ -334,8 +334,9 @@ def bench(config, plan, names):
                   f"{expected_ratio(config, plan):.3f}: {describe_schedule(config, plan)})")
         write_json(config, dict(mode='in_process', device=device, dtype=config['dtype'],
                                 compile=config['compile'], tokens_per_iter=tokens_per_iter,
-                                parameters=benches[0].run.raw_model.get_num_params(), peak_flops=peak,
-                                expected_ratio=expected_ratio(config, plan), rows=rows))
+                                parameters=benches[0].run.raw_model.get_num_params(),
+                                peak_flops=peak, expected_ratio=expected_ratio(config, plan),
+                                rows=rows))
         if config['profile']:
             os.makedirs(config['out_dir'], exist_ok=True)
             for b in benches:
@@ -440,10 +441,11 @@ def end_to_end(config, plan, names):
                         mfus.setdefault(label, []).append(mfu)
                 measured[label].append(tokens_per_s)
                 commands[label] = ' '.join(command[1:]).replace(out_dir, 'OUT_DIR')
-                write_json(config, dict(mode='end_to_end', device=config['device'], dtype=config['dtype'],
-                                        compile=config['compile'], tokens_per_iter=tokens_per_iter,
-                                        expected_ratio=expected_ratio(config, plan), tokens_per_s=measured,
-                                        mfu=mfus, commands=commands))
+                write_json(config, dict(mode='end_to_end', device=config['device'],
+                                        dtype=config['dtype'], compile=config['compile'],
+                                        tokens_per_iter=tokens_per_iter,
+                                        expected_ratio=expected_ratio(config, plan),
+                                        tokens_per_s=measured, mfu=mfus, commands=commands))
                 print(f"round {round_index + 1}: {label}: {tokens_per_s:,.0f} tokens/s"
                       + (f", MFU {mfu:.1%}" if mfu is not None else ''), flush=True)
 

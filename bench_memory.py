@@ -34,7 +34,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODELS = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
           'gpt2-xl': (48, 25, 1600),
-          'tiny': (1, 2, 16)}  # a toy size, seconds a run: what the tests and gpu_check.py's CPU mode run
+          'tiny': (1, 2, 16)}  # a toy size, seconds a run: what gpu_check.py's CPU mode runs
 SCRIPTS = {'sophiag': 'train_sophiag.py', 'adamw': 'train_adam.py'}
 
 def random_tokens(folder, block_size):
@@ -80,9 +80,11 @@ def main():
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     parser.add_argument('--block_size', type=int, default=64, help='tokens per sequence (one per micro-batch)')
     parser.add_argument('--iters', type=int, default=3, help='iterations per run')
-    parser.add_argument('--optimizers', default='sophiag,adamw', help=f"comma-separated, from {', '.join(SCRIPTS)}")
+    parser.add_argument('--optimizers', default='sophiag,adamw',
+                        help=f"comma-separated, from {', '.join(SCRIPTS)}")
     parser.add_argument('--parallel', default='ddp,fsdp', help='comma-separated, from ddp, fsdp')
-    parser.add_argument('--json', default='', help='also write the rows to this file (rewritten after each row)')
+    parser.add_argument('--json', default='',
+                        help='also write the rows to this file (rewritten after each row)')
     args = parser.parse_args()
     models = [name.strip() for name in args.models.split(',')]
     unknown = [name for name in models if name not in MODELS]
@@ -91,7 +93,8 @@ def main():
     optimizers = [name.strip() for name in args.optimizers.split(',')]
     unknown = [name for name in optimizers if name not in SCRIPTS]
     if unknown or not optimizers:
-        parser.exit(2, f"error: --optimizers: {(unknown or [''])[0]!r} is not one of {', '.join(SCRIPTS)}\n")
+        parser.exit(2, f"error: --optimizers: {(unknown or [''])[0]!r} is not one of "
+                       f"{', '.join(SCRIPTS)}\n")
     parallels = [name.strip() for name in args.parallel.split(',')]
     if not parallels or any(name not in ('ddp', 'fsdp') for name in parallels):
         parser.exit(2, f"error: --parallel: {args.parallel!r} is not a list from ddp, fsdp\n")
@@ -120,12 +123,13 @@ def main():
                 for optimizer, (peak, reason) in peaks.items():
                     if peak is None and reason != 'out of memory':
                         print(f"  {optimizer}: {reason}", flush=True)
-                    rows.append(dict(model=model, parallel=parallel, optimizer=optimizer, peak_mib=peak,
-                                     reason=reason))
+                    rows.append(dict(model=model, parallel=parallel, optimizer=optimizer,
+                                     peak_mib=peak, reason=reason))
                 if args.json:  # whole, then renamed: a run killed meanwhile leaves the rows so far
                     with open(args.json + '.tmp', 'w') as f:
                         json.dump(dict(device=args.device, nproc=args.nproc, dtype=args.dtype,
-                                       block_size=args.block_size, iters=args.iters, rows=rows), f, indent=1)
+                                       block_size=args.block_size, iters=args.iters, rows=rows),
+                                  f, indent=1)
                     os.replace(args.json + '.tmp', args.json)
 
 if __name__ == '__main__':

@@ -59,7 +59,8 @@ def main():
     parser.add_argument("--skip-reference", action="store_true", help="skip the slow single-tensor SophiaG")
     parser.add_argument("--n_layer", type=int, default=12, help="the shapes' layers (GPT-2 small's 12)")
     parser.add_argument("--n_embd", type=int, default=768, help="the shapes' width (GPT-2 small's 768)")
-    parser.add_argument("--json", default="", help="also write each candidate's per-run medians (ms) to this file")
+    parser.add_argument("--json", default="",
+                        help="also write each candidate's per-run medians (ms) to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -145,10 +146,12 @@ def main():
     if args.json:
         device_name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name()
         with open(args.json, "w") as f:
-            json.dump(dict(device=device_name, tensors=len(params), values=n_values, default_path=default_impl,
-                           runs=args.runs, repeats=args.repeats, target=target,
+            json.dump(dict(device=device_name, tensors=len(params), values=n_values,
+                           default_path=default_impl, runs=args.runs, repeats=args.repeats,
+                           target=target,
                            ms={name: [1e3 * m for m in medians[name]] for name in candidates},
-                           floors={name: floor_of(name) for name in candidates if floor_of(name)}), f, indent=1)
+                           floors={name: floor_of(name) for name in candidates if floor_of(name)}),
+                      f, indent=1)
 
 
 if __name__ == "__main__":
