@@ -56,7 +56,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import trainer
-from batches import REPO, TokenFiles, data_dir_of, open_dataset
+from batches import REPO, TokenFiles, data_dir_of, model_vocab_size, open_dataset
 from configurator import Checks, ConfigError, UserError, batch_plan, check_config, parse_args
 from distributed import setup_distributed
 from optimizers import RECIPES, SophiaGRecipe
@@ -353,7 +353,25 @@ def script_overrides(config, script_defaults, run):
     values.update(run)
     return [f'--{key}={value}' for key, value in values.items()]
 
-def nanogpt_overrides(config, plan, run):
+def nanogpt_data(config, dataset_vocab, scratch):
+    """The data folder nanoGPT reads. nanoGPT takes its vocabulary from meta.pkl as it is, and
+    50304 without one; this repository pads GPT-2's 50257 to 50304 (batches.model_vocab_size). For
+    GPT-2 BPE nanoGPT gets the token files without meta.pkl, so both models have 50304 rows (the
+    lm_head of 50257 rows is the slower shape on a GPU)."""
+    data_dir = os.path.abspath(data_dir_of(config['dataset']))
+    ours = model_vocab_size(dataset_vocab)
+    if dataset_vocab is None or ours == dataset_vocab:
+        return data_dir
+    if ours != 50304:
+        raise UserError(f"dataset {config['dataset']}: nanoGPT would model its {dataset_vocab} "
+                        f"tokens, this repository {ours}; compare on GPT-2 BPE or characters")
+    folder = os.path.join(scratch, 'nanogpt-data')
+    os.makedirs(folder)
+    for name in ('train.bin', 'val.bin'):
+        os.symlink(os.path.join(data_dir, name), os.path.join(folder, name))
+    return folder
+
+def nanogpt_overrides(config, plan, run, data_dir):
     """The same model, batch, data and schedule in nanoGPT's train.py's config keys."""
     keys = ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd',
             'dropout', 'bias', 'device', 'dtype', 'compile', 'learning_rate', 'weight_decay', 'beta1',
@@ -361,7 +379,7 @@ def nanogpt_overrides(config, plan, run):
     values = {key: config[key] for key in keys}
     values.update(
         # nanoGPT reads data/<dataset>; an absolute path wins over the 'data' prefix in os.path.join
-        dataset=os.path.abspath(data_dir_of(config['dataset'])),
+        dataset=data_dir,
         gradient_accumulation_steps=plan.micro_steps,  # one process: nanoGPT's count is the same
         out_dir=run['out_dir'],
         max_iters=run['max_iters'] - 1,  # nanoGPT runs iterations 0..max_iters
@@ -402,7 +420,7 @@ def nanogpt_throughput(stdout, skip_iters, tokens_per_iter):
 
 def end_to_end(config, plan, names):
     """Run the training scripts (and nanoGPT) side by side, bench_rounds times; print tokens/s."""
-    open_dataset(config['dataset'], config['block_size'])  # the scripts need real data
+    dataset_vocab, _ = open_dataset(config['dataset'], config['block_size'])  # real data needed
     if config['nanogpt'] and config['init_from'] != 'scratch':
         raise UserError(f"the nanoGPT comparison starts from scratch; drop --init_from={config['init_from']}")
     log_interval = config['hess_interval']  # every log row holds exactly one Hessian pass
@@ -422,6 +440,7 @@ def end_to_end(config, plan, names):
     mfus = {}  # MFU per round as the scripts logged it (the Hessian pass's forward+backward counted)
     commands = {}
     with tempfile.TemporaryDirectory(prefix='bench-e2e-') as scratch:
+        nanogpt_dir = nanogpt_data(config, dataset_vocab, scratch) if config['nanogpt'] else None
         for round_index in range(config['bench_rounds']):
             for label, kind in (programs if round_index % 2 == 0 else programs[::-1]):
                 out_dir = os.path.join(scratch, f'{kind}-{round_index}')
@@ -429,7 +448,8 @@ def end_to_end(config, plan, names):
                            eval_interval=max_iters, eval_iters=1, checkpoint_interval=max_iters,
                            wandb_log=False)
                 if kind == 'nanogpt':
-                    command = [sys.executable, 'train.py'] + nanogpt_overrides(config, plan, run)
+                    command = [sys.executable, 'train.py'] + \
+                        nanogpt_overrides(config, plan, run, nanogpt_dir)
                     stdout = run_program(command, config['nanogpt'])
                     tokens_per_s = nanogpt_throughput(stdout, skip_rows * log_interval, tokens_per_iter)
                     mfu = None  # nanoGPT's own MFU counts differently; its tokens/s is what compares

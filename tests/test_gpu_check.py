@@ -179,3 +179,22 @@ def test_gpu_tables_give_mfu_against_both_peaks_and_nanogpt_by_its_tokens():
     assert 'train_muon.py' not in text  # a script the check did not reach has no row
     assert "Sophia-G / AdamW: 0.900, against the arithmetic's ceiling of 0.909 (99.0% of it)." \
         in text
+
+def test_nanogpt_reads_gpt2_bpe_without_meta_so_its_vocabulary_is_padded_as_ours(tmp_path):
+    """nanoGPT takes meta.pkl's vocab_size as it is (50257 rows) and 50304 without one; this
+    repository pads to 50304: bench.py gives nanoGPT the token files alone for GPT-2 BPE."""
+    import pickle
+    import bench
+    for name, vocab in (('bpe', 50257), ('chars', 65)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for split in ('train.bin', 'val.bin'):
+            (folder / split).write_bytes(b'\0' * 64)
+        (folder / 'meta.pkl').write_bytes(pickle.dumps({'vocab_size': vocab}))
+    scratch = tmp_path / 'scratch'
+    scratch.mkdir()
+    given = bench.nanogpt_data({'dataset': str(tmp_path / 'bpe')}, 50257, str(scratch))
+    assert sorted(os.listdir(given)) == ['train.bin', 'val.bin']
+    assert os.path.samefile(os.path.join(given, 'train.bin'), tmp_path / 'bpe' / 'train.bin')
+    assert bench.nanogpt_data({'dataset': str(tmp_path / 'chars')}, 65, str(scratch)) == \
+        str(tmp_path / 'chars')  # a character vocabulary is not padded: nanoGPT reads meta.pkl
