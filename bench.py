@@ -428,8 +428,9 @@ def end_to_end(config, plan, names):
     max_iters = (skip_rows + math.ceil(config['bench_iters'] / log_interval)) * log_interval
     tokens_per_iter = plan.sequences * config['block_size']
     defaults = {name: RECIPES[name].defaults() for name in names}
-    programs = [(OPTIMIZERS[name], name) for name in names] + ([('nanoGPT train.py', 'nanogpt')]
-                                                              if config['nanogpt'] else [])
+    # nanoGPT first, the baseline: a run cut short (gpu_check.py caps it) loses the last script
+    programs = ([('nanoGPT train.py', 'nanogpt')] if config['nanogpt'] else []) + \
+        [(OPTIMIZERS[name], name) for name in names]
     print(f"end to end: iterations {skip_rows * log_interval}..{max_iters - 1} of {max_iters} timed per run "
           f"(the first {skip_rows * log_interval} hold compilation and the evaluation at iteration 0), "
           f"{tokens_per_iter:,} tokens per iteration, {config['bench_rounds']} rounds"

@@ -12,15 +12,17 @@ run in this order, each a subprocess with its own time cap and no longer than wh
              FLOP/s and a device-to-device copy's bytes/s, beside the datasheet peak MFU uses
   data       data/stdlib/prepare.py: the Python standard library in GPT-2 BPE (seconds)
   tests      the CUDA tests: pytest -k cuda over the test files that skip without CUDA
-  e2e        bench.py --end_to_end on GPT-2 small, bf16, compiled: train_adam.py, train_sophiag.py,
-             train_muon.py and nanoGPT's train.py on the same GPU, data and batch (tokens/s, MFU,
-             Sophia-G / AdamW against its arithmetic ceiling)
   optimizer  bench_optimizer.py: the optimizer step alone, every SophiaG path against fused AdamW
+  e2e        bench.py --end_to_end on GPT-2 small, bf16, compiled: nanoGPT's train.py,
+             train_adam.py, train_sophiag.py and train_muon.py on the same GPU, data and batch
+             (tokens/s, MFU, Sophia-G / AdamW against its arithmetic ceiling)
   memory     bench_memory.py on one GPU: peak allocated, GPT-2 small and XL (the largest of
              bench_memory.py's, 1.5B), both optimizers, DDP and FSDP on one process
   split      bench.py in one process with --profile=True: forward+backward, each optimizer's step
              and the Hessian pass timed apart, and the top ops of each under torch.profiler
   study      python study.py --suite=gpu --time_budget=<what is left>: the missing runs
+
+Each benchmark writes its JSON as it goes, so a stage cut at its cap keeps what it measured.
 
 The layout, built in --work and packed after every stage into OUT/gpu-check.tar.gz, with the
 tables so far in OUT/summary.md (two files: the device tool brings back at most eight):
@@ -41,18 +43,18 @@ The call, through the device tool (budget 330 s, so that a rerun still fits in t
 
     run(command="python3 gpu_check.py --out=$OUT", carry=[".gpu_check"], timeout_s=390)
 
-Then, here, without a GPU: the tables (printed, for the README's "On a GPU") and the study's new
-records copied into study/gpu/ (then `python study.py --suite=gpu --report_only`):
+Then, on any machine, no GPU needed: the tables (printed, for the README's "On a GPU") and the
+study's new records copied into study/gpu/ (then `python study.py --suite=gpu --report_only`):
 
-    $ python gpu_check.py --report=/work/.device/.../gpu-check.tar.gz
+    $ python gpu_check.py --report=PATH/gpu-check.tar.gz
 
 The GPU study needs about 4 minutes a run, more than this budget leaves after the benchmarks:
-a session with a whole call to spare gives it to the study alone
+a call with nothing else to do gives it a whole budget
 (`python3 gpu_check.py --out=$OUT --stages=study --budget=540`, timeout_s=600).
 
-Without CUDA (--tiny=True), the same stages run through the same code at toy size on the CPU in
-about a minute, into the same layout: what the tests run (tests/test_gpu_check.py), and what the
-committed example tests/gpu_check_example/ was made with.
+Without CUDA (--tiny=True), the same stages run through the same code at toy size on the CPU
+(one to two minutes on 2 cores), into the same layout: what the tests run
+(tests/test_gpu_check.py), and what the committed example tests/gpu_check_example/ was made with.
 """
 
 import argparse
@@ -151,11 +153,13 @@ def plan_stages(tiny, work, layout, nanogpt, budget):
               'device, versions, the measured ceilings'),
         Stage('data', 90, 10, [[py, 'data/stdlib/prepare.py', f'--out_dir={stdlib}']],
               'the stdlib in GPT-2 BPE'),
-        Stage('tests', 150, 20, [tests], 'the CUDA tests'),
-        Stage('e2e', 240, 60, [e2e], 'the training scripts end to end'),
-        Stage('optimizer', 90, 10, [[py, 'bench_optimizer.py'] + optimizer
+        Stage('tests', 120, 20, [tests], 'the CUDA tests'),
+        Stage('optimizer', 60, 10, [[py, 'bench_optimizer.py'] + optimizer
                                     + [f'--json={os.path.join(layout, "optimizer.json")}']],
               'the optimizer step alone'),
+        # compilation takes most of it, once per program; the scripts of this repository share
+        # the model, so inductor's cache spares the later ones part of theirs
+        Stage('e2e', 240, 60, [e2e], 'the training scripts end to end'),
         Stage('memory', 150, 20, [[py, 'bench_memory.py', '--nproc=1'] + memory
                                   + [f'--json={os.path.join(layout, "memory.json")}']],
               'peak memory, DDP and FSDP'),
@@ -585,7 +589,7 @@ def main():
     parser.add_argument('--work', default=os.path.join(ROOT, 'out-gpu-check-work'),
                         help='where the layout, the data and the study runs are made')
     parser.add_argument('--tiny', type=lambda v: {'True': True, 'False': False}[v], default=False,
-                        help='True: the toy CPU mode (the same stages and layout, about a minute)')
+                        help='True: the toy CPU mode (the same stages and layout, 1-2 minutes)')
     parser.add_argument('--budget', type=float, default=None,
                         help='seconds for all stages (default: 330 on a GPU, 600 with --tiny=True)')
     parser.add_argument('--stages', default='',

@@ -52,7 +52,7 @@ def test_tiny_mode_runs_every_stage_into_the_example_layout(tmp_path, gpt2_ranks
         tar.extractall(unpacked, filter='data')
     layout = unpacked / 'gpu-check'
     manifest = json.loads((layout / 'manifest.json').read_text())
-    stages = ('env', 'data', 'tests', 'e2e', 'optimizer', 'memory', 'split', 'study')
+    stages = ('env', 'data', 'tests', 'optimizer', 'e2e', 'memory', 'split', 'study')
     assert [(s['name'], s['status']) for s in manifest['stages']] == [(n, 'ok') for n in stages]
     assert files_under(layout) == files_under(EXAMPLE)  # the committed example has this very layout
     assert manifest['stages'][-1]['study_runs'] == ['adamw-lr0.001']  # the tiny suite's first run
@@ -150,7 +150,7 @@ def test_a_failed_or_slow_stage_is_recorded_and_the_next_runs(tmp_path, monkeypa
 def test_the_gpu_plan_measures_what_the_readme_reports():
     stages = {s.name: [' '.join(c) for c in s.commands]
               for s in gpu_check.plan_stages(False, '/w', '/w/gpu-check', '/n', 330)}
-    assert list(stages) == ['env', 'data', 'tests', 'e2e', 'optimizer', 'memory', 'split', 'study']
+    assert list(stages) == ['env', 'data', 'tests', 'optimizer', 'e2e', 'memory', 'split', 'study']
     e2e = stages['e2e'][0]
     for part in ('config/train_gpt2_small_sophiag.py', '--device=cuda', '--dtype=bfloat16',
                  '--compile=True', '--total_bs=48', '--end_to_end=True',
