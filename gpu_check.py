@@ -412,6 +412,9 @@ def tables(layout):
     memory = read_json(layout, 'memory.json')
     if memory:
         parts.append(memory_table(memory))
+    targets = targets_text(e2e, optimizer) if manifest['mode'] == 'gpu' else None
+    if targets:
+        parts.append(targets)
     tests = os.path.join(layout, 'tests.log')
     if os.path.isfile(tests):
         with open(tests) as f:
@@ -427,11 +430,15 @@ def tables(layout):
         parts.append(f"Study runs committed in this call: {', '.join(runs) if runs else 'none'}.")
     return '\n\n'.join(parts) + '\n'
 
+def mean_tokens_per_s(e2e):
+    """Each program's tokens/s over its rounds: the mean of time per token, as bench.py prints."""
+    return {label: len(values) / sum(1 / value for value in values)
+            for label, values in e2e['tokens_per_s'].items() if values}
+
 def e2e_table(e2e, datasheet, measured_peak):
     """Tokens/s (the mean over rounds of time per token), MFU as the scripts logged it against
     the datasheet peak and rescaled to the measured one, and each script over train_adam.py."""
-    tokens = {label: values for label, values in e2e['tokens_per_s'].items() if values}
-    mean = {label: len(v) / sum(1 / x for x in v) for label, v in tokens.items()}
+    mean = mean_tokens_per_s(e2e)
     mfu = {label: sum(v) / len(v) for label, v in e2e['mfu'].items() if v}
     adam, sophia, nano = 'train_adam.py', 'train_sophiag.py', 'nanoGPT train.py'
     if nano in mean and adam in mfu:  # the same model and batch: the same FLOPs per token
@@ -454,6 +461,32 @@ def e2e_table(e2e, datasheet, measured_peak):
         text += (f"\n\nSophia-G / AdamW: {ratio:.3f}, against the arithmetic's ceiling of "
                  f"{ceiling:.3f} ({ratio / ceiling:.1%} of it).")
     return text
+
+def targets_text(e2e, optimizer):
+    """The figures against the targets set for GPT-2 small on an H100/H200: train_adam.py at 45%
+    MFU or more, Sophia-G's step at most fused AdamW's, Sophia-G / AdamW within 1% of the ceiling.
+    Where one falls short, the split stage's profile (split.log) shows where the time goes."""
+    import statistics
+    lines = []
+    def verdict(met):
+        return 'met' if met else 'short: see the top ops in split.log'
+    if e2e:
+        mean = mean_tokens_per_s(e2e)
+        adam_mfu = e2e['mfu'].get('train_adam.py')
+        if adam_mfu:
+            mfu = sum(adam_mfu) / len(adam_mfu)
+            lines.append(f"- `train_adam.py` MFU {mfu:.1%}, target 45% or more: "
+                         f"{verdict(mfu >= 0.45)}")
+        if 'train_adam.py' in mean and 'train_sophiag.py' in mean:
+            ratio = mean['train_sophiag.py'] / mean['train_adam.py'] / e2e['expected_ratio']
+            lines.append(f"- Sophia-G / AdamW tokens/s at {ratio:.1%} of the ceiling, target 99% "
+                         f"or more: {verdict(ratio >= 0.99)}")
+    if optimizer and 'SophiaG default' in optimizer['ms'] and 'AdamW fused' in optimizer['ms']:
+        ratio = statistics.median(optimizer['ms']['SophiaG default']) / \
+            statistics.median(optimizer['ms']['AdamW fused'])
+        lines.append(f"- Sophia-G's step / fused AdamW's {ratio:.2f}, target 1 or less: "
+                     f"{verdict(ratio <= 1)}")
+    return 'Targets:\n\n' + '\n'.join(lines) if lines else None
 
 def split_table(split):
     rows = [[r['optimizer'], f"{r['forward_backward_ms']:.1f}", f"{r['step_ms']:.2f}",

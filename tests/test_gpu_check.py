@@ -198,3 +198,13 @@ def test_nanogpt_reads_gpt2_bpe_without_meta_so_its_vocabulary_is_padded_as_ours
     assert os.path.samefile(os.path.join(given, 'train.bin'), tmp_path / 'bpe' / 'train.bin')
     assert bench.nanogpt_data({'dataset': str(tmp_path / 'chars')}, 65, str(scratch)) == \
         str(tmp_path / 'chars')  # a character vocabulary is not padded: nanoGPT reads meta.pkl
+
+def test_gpu_figures_are_held_to_the_targets():
+    e2e = dict(expected_ratio=0.909, mfu={'train_adam.py': [0.44, 0.46]},
+               tokens_per_s={'train_adam.py': [400e3], 'train_sophiag.py': [355e3]})
+    optimizer = dict(ms={'SophiaG default': [4.0, 4.2, 3.8], 'AdamW fused': [3.9, 3.9, 3.9]})
+    text = gpu_check.targets_text(e2e, optimizer)
+    assert '- `train_adam.py` MFU 45.0%, target 45% or more: met' in text
+    assert '- Sophia-G / AdamW tokens/s at 97.6% of the ceiling, target 99% or more: short' in text
+    assert "- Sophia-G's step / fused AdamW's 1.03, target 1 or less: short" in text
+    assert gpu_check.targets_text(None, None) is None
