@@ -69,7 +69,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CARRY = os.path.join(ROOT, '.gpu_check')  # what travels to the machine (carry), ignored by git
@@ -85,7 +85,6 @@ class Stage:
     min_left: float  # not started with less than this left of the budget: it could not finish
     commands: list  # run in order; the stage fails at the first that fails
     what: str = ''  # one line for the summary
-    env: dict = field(default_factory=dict)
 
 # -----------------------------------------------------------------------------
 # the stages
@@ -184,10 +183,9 @@ def run_stage(stage, seconds, log_path):
         for command in stage.commands:
             log.write(f"$ {' '.join(shown(part) for part in command)}\n")
             log.flush()
-            env = dict(os.environ, PYTHONUNBUFFERED='1', WANDB_MODE='disabled', **stage.env)
-            if stage.name == 'study':  # study.py's own budget: start no run it cannot end in time
-                command = command + [f'--time_budget={max(1, int(deadline - time.time()) - 10)}'] \
-                    if command[1] == 'study.py' else command
+            env = dict(os.environ, PYTHONUNBUFFERED='1', WANDB_MODE='disabled')
+            if command[1:2] == ['study.py']:  # its own budget: start no run it cannot end in time
+                command = command + [f'--time_budget={max(1, int(deadline - time.time()) - 10)}']
             # a session of its own, so that the stage and every process it started end together
             proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     env=env, start_new_session=True)
@@ -266,11 +264,29 @@ def probe(path, tiny):
     print(json.dumps(info, indent=1))
 
 def git_commit():
-    result = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    commit = result.stdout.strip()
+    """HEAD, and whether tracked files differ from it; None where there is no git or no .git (a
+    copy of the working tree): then the code fingerprint says which code ran."""
+    try:
+        result = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
+                                text=True)
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        return None
+    commit = result.stdout.strip() if result.returncode == 0 else ''
     return (commit + (' (with uncommitted changes)' if dirty else '')) if commit else None
+
+def code_fingerprint():
+    """sha256 of the code that runs (the top-level modules and scripts, the configs, the data
+    scripts), names and bytes: the same on any copy of the same tree, git or not."""
+    import glob
+    import hashlib
+    digest = hashlib.sha256()
+    for pattern in ('*.py', 'config/*.py', 'data/*/prepare.py'):
+        for path in sorted(glob.glob(os.path.join(ROOT, pattern))):
+            with open(path, 'rb') as f:
+                digest.update(os.path.relpath(path, ROOT).encode() + b'\0' + f.read() + b'\0')
+    return digest.hexdigest()[:16]
 
 def pack(work, out):
     """OUT/gpu-check.tar.gz of the layout and OUT/summary.md of its tables, each written whole
@@ -322,7 +338,8 @@ def check(args):
         if os.path.isdir(os.path.join(study_root, suite)) else set()
     now = datetime.datetime.now(datetime.timezone.utc)
     manifest = dict(mode='tiny' if tiny else 'gpu', date=now.isoformat(timespec='seconds'),
-                    commit=git_commit(), budget_s=args.budget, nanogpt=bool(nanogpt),
+                    commit=git_commit(), code=code_fingerprint(), budget_s=args.budget,
+                    nanogpt=bool(nanogpt),
                     gpt2_ranks=os.path.isfile(ranks), stages=[])
     print(f"gpu_check ({manifest['mode']}): budget {args.budget:.0f} s, stages {', '.join(wanted)}",
           flush=True)
@@ -386,8 +403,10 @@ def tables(layout):
     if manifest is None:
         return 'no manifest.json: not the output of gpu_check.py\n'
     parts = []
-    head = (f"gpu_check.py ({manifest['mode']} mode), {manifest['date']}, "
-            f"commit {manifest['commit']}")
+    here = code_fingerprint()
+    head = (f"gpu_check.py ({manifest['mode']} mode), {manifest['date']}, commit "
+            f"{manifest['commit']}, code {manifest['code']} (this tree's: "
+            f"{'the same' if manifest['code'] == here else here})")
     if env:
         peak, matmul, copy = env['peak_flops_datasheet'], env['matmul'], env['copy']
         head += (f"; {env['device']}, PyTorch {env['torch']}, CUDA {env['cuda']}, "

@@ -56,6 +56,7 @@ def test_tiny_mode_runs_every_stage_into_the_example_layout(tmp_path, gpt2_ranks
     assert [(s['name'], s['status']) for s in manifest['stages']] == [(n, 'ok') for n in stages]
     assert files_under(layout) == files_under(EXAMPLE)  # the committed example has this very layout
     assert manifest['stages'][-1]['study_runs'] == ['adamw-lr0.001']  # the tiny suite's first run
+    assert manifest['code'] == gpu_check.code_fingerprint()  # which code ran, with or without git
     e2e = json.loads((layout / 'e2e.json').read_text())
     assert all(len(v) == 1 and v[0] > 0 for v in e2e['tokens_per_s'].values())
     assert (out / 'summary.md').read_text() == gpu_check.tables(str(layout))
