@@ -88,12 +88,13 @@ def check_token_files(meta, meta_path, paths, dataset, warn):
     vocabulary: it would train on ids with zeros between them), of another dataset or cut short
     disagree with the dtype and token counts meta.pkl records."""
     if 'dtype' not in meta:
-        warn(f"warning: {meta_path} records no dtype or token counts (prepared before they were): the "
-             f"token files are read as uint16 unchecked; {prepare_command(dataset)} to record them")
+        warn(f"warning: {meta_path} records no dtype or token counts (prepared before they were): "
+             f"the token files are read as uint16 unchecked; {prepare_command(dataset)} to record "
+             f"them")
         return
     if meta['dtype'] != 'uint16':
-        raise UserError(f"{meta_path} records dtype {meta['dtype']!r} but the loader reads uint16 token "
-                        f"files; {prepare_command(dataset)}")
+        raise UserError(f"{meta_path} records dtype {meta['dtype']!r} but the loader reads uint16 "
+                        f"token files; {prepare_command(dataset)}")
     for split, path in paths.items():
         recorded = meta.get(f'{split}_tokens')
         if recorded is not None and os.path.getsize(path) != 2 * recorded:

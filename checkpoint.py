@@ -65,8 +65,8 @@ def tensor_bytes(state):
     return 0
 
 def unreadable(path, e):
-    return CheckpointUnreadable(f"{path} cannot be read ({e.strerror or e}); it is left as it is: fix the "
-                                f"permissions or the filesystem and run again")
+    return CheckpointUnreadable(f"{path} cannot be read ({e.strerror or e}); it is left as it is: "
+                                f"fix the permissions or the filesystem and run again")
 
 def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
@@ -117,10 +117,11 @@ def save_checkpoint(out_dir, state, iter_num, keep_last, is_best):
     except Exception as e:
         if not disk_full(e):
             raise
-        raise DiskFull(f"out_dir={out_dir!r} has no space left for the checkpoint of iteration {iter_num} "
-                       f"(about {tensor_bytes(state):,} bytes; {shutil.disk_usage(out_dir).free:,} free); the "
-                       f"earlier checkpoints are intact: free some space, or lower keep_last, and resume "
-                       f"with --init_from=resume")
+        free = shutil.disk_usage(out_dir).free
+        raise DiskFull(f"out_dir={out_dir!r} has no space left for the checkpoint of iteration "
+                       f"{iter_num} (about {tensor_bytes(state):,} bytes; {free:,} free); the "
+                       f"earlier checkpoints are intact: free some space, or lower keep_last, and "
+                       f"resume with --init_from=resume")
 
 def write_checkpoint(out_dir, state, iter_num, keep_last, is_best):
     name = f"ckpt-{iter_num:08d}"
@@ -223,7 +224,8 @@ def verify(pt_path):
     except ValueError as e:
         raise CheckpointError(f"{json_path} is unreadable: {e}")
     if not isinstance(manifest, dict):
-        raise CheckpointError(f"{json_path} is damaged: it holds a {type(manifest).__name__}, not a manifest")
+        raise CheckpointError(f"{json_path} is damaged: it holds a {type(manifest).__name__}, "
+                              f"not a manifest")
     if manifest.get('format_version', 0) > FORMAT_VERSION:
         raise CheckpointError(f"{pt_path} has format version {manifest['format_version']}, newer than "
                               f"this code's {FORMAT_VERSION}: update the code to resume it")
@@ -236,8 +238,10 @@ def verify(pt_path):
     for path, entry in files.items():
         if not os.path.isfile(path):
             raise CheckpointError(f"{pt_path} is incomplete: {os.path.basename(path)} is missing")
-        # best.json also lists the best.pt it replaces, still in place until the rename that follows it
-        candidates = [entry] + ([entry['previous']] if isinstance(entry.get('previous'), dict) else [])
+        # best.json also lists the best.pt it replaces, in place until the rename that follows it
+        candidates = [entry]
+        if isinstance(entry.get('previous'), dict):
+            candidates.append(entry['previous'])
         size = os.path.getsize(path)
         if size not in [candidate.get('bytes') for candidate in candidates]:
             raise CheckpointError(f"{path} is truncated or damaged: {size} bytes, expected {entry.get('bytes')}")
@@ -299,8 +303,8 @@ def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model
             path = os.path.join(out_dir, name)
             if TEMPORARY_NAME.match(name):  # left by a killed run: as large as a checkpoint
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            elif MANIFEST_NAME.match(name) and not {name[:-5] + suffix for suffix in ORPHAN_UNLESS} & names:
-                os.remove(path)  # a manifest whose checkpoint a kill during rotation or a write left out
+            elif MANIFEST_NAME.match(name) and not {name[:-5] + e for e in ORPHAN_UNLESS} & names:
+                os.remove(path)  # its checkpoint gone: a kill during rotation, or during a write
     for iter_num in list_checkpoints(out_dir):
         pt_path = checkpoint_path(out_dir, f"ckpt-{iter_num:08d}")
         try:

@@ -169,8 +169,10 @@ def watch_launcher(stop_flag, every=1.0):
     def watch():
         while os.getppid() == launcher:
             time.sleep(every)
-        if not stop_flag.signum:  # a signal that reached the launcher too, SLURM's SIGUSR1, is acted on
-            print(f"the launcher (process {launcher}) is gone: stopping", file=sys.stderr, flush=True)
+        # a signal that reached the launcher too (SLURM's SIGUSR1) is acted on already
+        if not stop_flag.signum:
+            print(f"the launcher (process {launcher}) is gone: stopping", file=sys.stderr,
+                  flush=True)
             stop_flag.handle(signal.SIGTERM, None)
     threading.Thread(target=watch, name='launcher-watcher', daemon=True).start()
 

@@ -38,8 +38,8 @@ class MetricsLog:
             f.write(data[end:] + b'\n')
         with open(self.path, 'r+b') as f:
             f.truncate(end)
-        print(f"warning: the last line of {self.path} was cut short ({len(data) - end} bytes, a kill while "
-              f"writing); moved to {self.path}.damaged")
+        print(f"warning: the last line of {self.path} was cut short ({len(data) - end} bytes, a "
+              f"kill while writing); moved to {self.path}.damaged")
     def write(self, row):
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, 'a') as f:

@@ -60,7 +60,8 @@ class OutDirLock:
                 f.truncate()
                 f.write(f"{socket.gethostname()} {os.getpid()}\n")
                 f.flush()
-                fcntl.flock(f, fcntl.LOCK_SH)  # not atomic: a second launch may slip in and is refused
+                # not atomic: a second launch may slip in between, and this one is refused
+                fcntl.flock(f, fcntl.LOCK_SH)
                 self.file = f
         if world_size > 1:
             box = [holder]
@@ -68,11 +69,11 @@ class OutDirLock:
             holder = box[0]
         if holder is not None:
             raise UserError(f"out_dir={out_dir!r} is in use by another run (process {holder[1]} on "
-                            f"{holder[0]} holds {path}); wait for it to end or stop it, or choose another "
-                            f"--out_dir")
+                            f"{holder[0]} holds {path}); wait for it to end or stop it, or choose "
+                            f"another --out_dir")
         if rank != 0:
             self.file = open(path, 'a+')
-            fcntl.flock(self.file, fcntl.LOCK_SH | fcntl.LOCK_NB)  # process 0 holds it shared: granted
+            fcntl.flock(self.file, fcntl.LOCK_SH | fcntl.LOCK_NB)  # process 0 holds it shared
 
     def release(self, rank):
         if self.file is not None:
@@ -106,7 +107,8 @@ def earlier_logs(out_dir):
     metrics-<n>.jsonl by starts over (set_log_aside)."""
     if not os.path.isdir(out_dir):
         return []
-    return sorted(name for name in os.listdir(out_dir) if re.fullmatch(r'metrics(-\d+)?\.jsonl', name))
+    return sorted(name for name in os.listdir(out_dir)
+                  if re.fullmatch(r'metrics(-\d+)?\.jsonl', name))
 
 def set_log_aside(out_dir):
     """An attempt that stopped before its first checkpoint left only its log: keep it under the
@@ -124,8 +126,9 @@ def load_start(config, recipe, master, device):
     """The checkpoint a run continues: with init_from='resume' the newest good one in out_dir, with
     init_from a .pt file or a sharded run's .dcp folder that one (read_checkpoint_file). Returns
     (state, path), (None, None) for a new model, also when resuming an out_dir whose earlier
-    attempt stopped before its first checkpoint (a log but no checkpoint). The state is in this repository's checkpoint
-    format (see save); a sharded one's tensors are loaded later, into the built model (setup)."""
+    attempt stopped before its first checkpoint (a log but no checkpoint). The state is in this
+    repository's checkpoint format (see save); a sharded one's tensors are loaded later, into the
+    built model (setup)."""
     init_from = config['init_from']
     if init_from == 'resume':
         try:

@@ -281,8 +281,8 @@ def nonfinite_step(run, state):
             f"iteration {state.iter_num}; "
             + (f"the last good checkpoint is {state.checkpoint}. Lower the learning rate (or raise rho for "
                f"Sophia) and resume from it" if state.checkpoint else
-               "no checkpoint was saved yet. Lower the learning rate (or raise rho for Sophia) and start again "
-               "with --init_from=resume (from scratch, this attempt's log kept)"), 1)
+               "no checkpoint was saved yet. Lower the learning rate (or raise rho for Sophia) and "
+               "start again with --init_from=resume (from scratch, this attempt's log kept)"), 1)
 
 def stop_run(run, state, signum):
     """The stop every process agreed on, for signal `signum`: the checkpoint is written; wait for
@@ -307,7 +307,7 @@ def setup(recipe_class, config, sources, plan, rank, world_size, local_world_siz
     resume.prepare_out_dir(config['out_dir'], config['init_from'] == 'resume', master)
     if world_size > 1:
         dist.barrier()  # out_dir exists before any process looks into it
-    lock.acquire(config['out_dir'], rank, world_size)  # before anything in out_dir is moved or written
+    lock.acquire(config['out_dir'], rank, world_size)  # before anything in out_dir moves
     dataset_vocab, paths = open_dataset(config['dataset'], config['block_size'],
                                         warn=print if master else (lambda message: None))
     start, start_path = resume.load_start(config, recipe_class, master, device)
@@ -366,8 +366,8 @@ def setup(recipe_class, config, sources, plan, rank, world_size, local_world_siz
     state = RunState.continuing(start, start_path) if start is not None else RunState()
     return run, state, model_args, exact
 
-def train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size, device, stop_flag,
-          lock):
+def train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size, device,
+          stop_flag, lock):
     run, state, model_args, exact = setup(recipe_class, config, sources, plan, rank, world_size,
                                           local_world_size, device, lock)
     peak = config['peak_flops'] or None
@@ -411,8 +411,8 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
                 # inside a run of non-finite iterations a checkpoint would be called good, carry the
                 # run into a resume and rotate the healthy ones away (a stop saves all the same)
                 if rank == 0:
-                    print(f"iter {state.iter_num}: no checkpoint after a non-finite iteration; the newest is "
-                          f"{state.checkpoint}")
+                    print(f"iter {state.iter_num}: no checkpoint after a non-finite iteration; the "
+                          f"newest is {state.checkpoint}")
             else:
                 save(run, state, model_args, is_best)
         if state.iter_num >= config['max_iters']:
@@ -465,8 +465,8 @@ def main(recipe_class, argv, usage=''):
         check_config(config, sources, world_size, local_world_size, recipe_class)
         plan = batch_plan(config, sources, world_size)
         rank, world_size, device = distributed.setup_distributed(config)
-        train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size, device, stop_flag,
-              lock)
+        train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size,
+              device, stop_flag, lock)
     except UserError as e:  # ConfigError too
         if master:  # every process finds the same mistake: say it once
             print(f"error: {e}", file=sys.stderr, flush=True)

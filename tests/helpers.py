@@ -38,8 +38,8 @@ def make_char_dataset(folder):
     ids[:split].tofile(os.path.join(folder, 'train.bin'))
     ids[split:].tofile(os.path.join(folder, 'val.bin'))
     with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
-        pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': dict(enumerate(chars)), 'dtype': 'uint16',
-                     'train_tokens': split, 'val_tokens': len(ids) - split}, f)
+        pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': dict(enumerate(chars)),
+                     'dtype': 'uint16', 'train_tokens': split, 'val_tokens': len(ids) - split}, f)
     return folder
 
 def tiny_args(dataset, out_dir, sophia=True, **overrides):

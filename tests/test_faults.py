@@ -145,7 +145,8 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, dataset, reference):
     rng = random.Random(20240917)
     targets = [1] + sorted(rng.sample(range(3, RUN['max_iters'] - 6), 3))
     for attempt, target in enumerate(targets):
-        after = metrics_size(out)
+        # the new rows come after the old, or alone in a new log where no checkpoint was left
+        after = metrics_size(out) if checkpoint.list_checkpoints(out) else 0
         process = start(tmp_path, f'attempt{attempt}', 'train_sophiag.py',
                         args + (['--init_from=resume'] if attempt else []))
         rows = wait_for_iteration(process, out, target, after)
@@ -172,9 +173,10 @@ def stop_line(stderr, name='SIGTERM'):
     assert match, stderr[-2000:]
     return int(match[1]), match[2]
 
-@pytest.mark.parametrize('signum, status', [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)], ids=['TERM', 'USR1'])
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_identical(tmp_path, dataset, reference, signum,
-                                                                       status):
+@pytest.mark.parametrize('signum, status', [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)],
+                         ids=['TERM', 'USR1'])
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_identical(tmp_path, dataset, reference,
+                                                                       signum, status):
     """SIGTERM, and SIGUSR1 (what SLURM sends ahead of a pre-emption), alike."""
     out = str(tmp_path / 'out')
     args = tiny_args(dataset, out, **dict(RUN, checkpoint_interval=100))  # the stop writes the checkpoint
@@ -195,7 +197,8 @@ def children(process):
     with open(f'/proc/{process.pid}/task/{process.pid}/children') as f:
         return [int(pid) for pid in f.read().split()]
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1], ids=['TERM', 'HUP', 'USR1'])
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1],
+                         ids=['TERM', 'HUP', 'USR1'])
 def test_torchrun_sigterm_stops_both_processes_at_one_iteration(tmp_path, dataset, signum):
     """torchrun passes SIGTERM and SIGHUP (a closed terminal) on to its workers. SIGUSR1 it does
     not handle, and dies of it; SLURM sends it to every process of the job step, torchrun and the
@@ -214,10 +217,11 @@ def test_torchrun_sigterm_stops_both_processes_at_one_iteration(tmp_path, datase
     while not all(map(ended, workers)) and time.time() < deadline:
         time.sleep(0.1)
     _, err = process.output()
-    assert 'is gone' not in err  # the signal is acted on, not the launcher's death, which followed it
+    assert 'is gone' not in err  # the signal is acted on, not the launcher's death that followed
     assert err.count(f'received {signum.name}: finishing this iteration') == 2  # each worker got it
     assert len(re.findall(rf'^stopped by {signum.name} at iteration', err, re.M)) == 1  # said once
-    iter_num, path = stop_line(next(line for line in err.splitlines() if line.startswith('stopped')), signum.name)
+    last = next(line for line in err.splitlines() if line.startswith('stopped'))
+    iter_num, path = stop_line(last, signum.name)
     state = checkpoint.load_checkpoint(path)
     assert state['iter_num'] == iter_num and len(state['rng']) == 2
 
@@ -313,13 +317,16 @@ def test_one_run_per_out_dir_and_no_orphan_after_its_launcher(tmp_path, dataset)
             os.kill(paused, signal.SIGSTOP)
         try:
             before = snapshot(out)
-            second = start(tmp_path, 'second', 'train_sophiag.py', args + ['--init_from=resume'], launcher=TORCHRUN)
+            second = start(tmp_path, 'second', 'train_sophiag.py', args + ['--init_from=resume'],
+                           launcher=TORCHRUN)
             _, err = finish(second)
             assert second.returncode != 0
             assert [line for line in err.splitlines() if line.startswith('error')] == [
                 f"error: out_dir={out!r} is in use by another run (process {pid} on {host} holds "
-                f"{os.path.join(out, 'run.lock')}); wait for it to end or stop it, or choose another --out_dir"]
-            assert 'Traceback' not in err.split('error: ')[0]  # torchrun's own report of the failure follows
+                f"{os.path.join(out, 'run.lock')}); wait for it to end or stop it, or choose "
+                f"another --out_dir"]
+            # torchrun's own report of the failure, with a traceback, follows the line
+            assert 'Traceback' not in err.split('error: ')[0]
             assert snapshot(out) == before
         finally:
             for paused in [first.pid] + workers:
@@ -337,8 +344,8 @@ def test_one_run_per_out_dir_and_no_orphan_after_its_launcher(tmp_path, dataset)
     err = first.output()[1]
     assert err.count(f'the launcher (process {first.pid}) is gone: stopping') == 2
     iter_num, path = stop_line(next(line for line in err.splitlines() if line.startswith('stopped')))
-    result = check_ok(run_script('train_sophiag.py', args + ['--init_from=resume', f'--max_iters={iter_num + 2}'],
-                                 launcher=TORCHRUN, env=ONE_THREAD))
+    relaunch = args + ['--init_from=resume', f'--max_iters={iter_num + 2}']
+    result = check_ok(run_script('train_sophiag.py', relaunch, launcher=TORCHRUN, env=ONE_THREAD))
     assert f'resuming from {path}' in result.stdout
     assert not os.path.exists(os.path.join(out, 'run.lock'))  # a run that ended removed it
 
@@ -509,8 +516,8 @@ def test_a_kill_while_best_is_replaced_leaves_a_best_that_verifies(tmp_path, mon
         replace(a, b)
     monkeypatch.setattr(os, 'replace', cut)
     with pytest.raises(Killed):
-        checkpoint.save_checkpoint(out, dict(state, iter_num=4, weights=-state['weights']), 4, keep_last=3,
-                                   is_best=True)
+        checkpoint.save_checkpoint(out, dict(state, iter_num=4, weights=-state['weights']), 4,
+                                   keep_last=3, is_best=True)
     monkeypatch.undo()
     assert checkpoint.load_checkpoint(os.path.join(out, 'best.pt'))['iter_num'] == 2
     checkpoint.save_checkpoint(out, dict(state, iter_num=6), 6, keep_last=3, is_best=True)
@@ -539,7 +546,8 @@ def around_each_step(monkeypatch):
     clip_and_step, in a list filled as the run goes."""
     real, steps = trainer.clip_and_step, []
     def state(run):
-        return copy.deepcopy({'model': run.raw_model.state_dict(), 'optimizer': run.optimizer.state_dict()})
+        return copy.deepcopy({'model': run.raw_model.state_dict(),
+                              'optimizer': run.optimizer.state_dict()})
     def recorded(run, *args):
         before = state(run)
         result = real(run, *args)
@@ -607,10 +615,11 @@ def test_max_nonfinite_in_a_row_stops_the_run(tmp_path, dataset, monkeypatch, ca
     streak (at 5 and 6 here, though checkpoint_interval=1 and keep_last=2 asks for them), so the
     one named is from before it, rotation kept it, it holds no streak, and resuming it as advised
     trains on."""
-    poison(monkeypatch, trainer, 'forward_loss', set(range(2 * first_bad, 2 * first_bad + 6)), training_call)
+    bad = set(range(2 * first_bad, 2 * first_bad + 6))  # 2 micro-batches an iteration
+    poison(monkeypatch, trainer, 'forward_loss', bad, training_call)
     out = str(tmp_path / 'out')
-    args = tiny_args(dataset, out, max_nonfinite=3, max_iters=12, checkpoint_interval=checkpoint_interval,
-                     keep_last=2)
+    args = tiny_args(dataset, out, max_nonfinite=3, max_iters=12,
+                     checkpoint_interval=checkpoint_interval, keep_last=2)
     status, _, err = call_main(capsys, args)
     assert status == 1 and 'Traceback' not in err
     last = err.strip().splitlines()[-1]
@@ -715,7 +724,7 @@ def damaged_dataset(dataset, folder, kind):
     if kind in ('foreign', 'small'):
         with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
             pickle.dump({'vocab_size': 2000 if kind == 'foreign' else 10}, f)
-    if kind == 'int32':  # the same ids, 4 bytes each: an even byte count, every id under the vocabulary
+    if kind == 'int32':  # the same ids in 4 bytes: an even byte count, every id in the vocabulary
         for split in ('train', 'val'):
             path = os.path.join(folder, f'{split}.bin')
             np.fromfile(path, dtype=np.uint16).astype(np.int32).tofile(path)
@@ -734,6 +743,9 @@ def damaged_dataset(dataset, folder, kind):
         with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
             pickle.dump({'stoi': {}}, f)
     return folder
+
+def damaged_copy(dataset, tmp, kind):
+    return damaged_dataset(dataset, os.path.join(tmp, kind), kind)
 
 def config_file(tmp, text):
     path = os.path.join(tmp, 'config.py')
@@ -846,10 +858,10 @@ BAD_INPUTS = {
         lambda d, o, t, m: ('sophiag', tiny_args(d, o, init_from='gpt3')),
         'run', ["init_from='gpt3'", 'expected scratch, resume']),
     'malformed meta.pkl': (
-        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'meta'), 'meta'), o)),
+        lambda d, o, t, m: ('sophiag', resume(damaged_copy(d, t, 'meta'), o)),
         'run', [os.path.join('meta', 'meta.pkl'), 'cannot be read (UnpicklingError']),
     'meta.pkl without a vocabulary': (
-        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'novocab'), 'novocab'), o)),
+        lambda d, o, t, m: ('sophiag', resume(damaged_copy(d, t, 'novocab'), o)),
         'run', [os.path.join('novocab', 'meta.pkl'), "cannot be read (KeyError: 'vocab_size')"]),
     'a manifest that is JSON but no object': (
         lambda d, o, t, m: (open(finished_checkpoint(t)[:-3] + '.json', 'w').write('[1, 2]'),
@@ -862,19 +874,21 @@ BAD_INPUTS = {
         lambda d, o, t, m: ('sophiag', resume(d, o, seed=2 ** 64)),
         'run', [f'seed={2 ** 64}', 'must be in [0, 2**63)']),
     'a NaN learning rate in a config file': (
-        lambda d, o, t, m: ('sophiag', resume(d, o) + [config_file(t, "learning_rate = float('nan')\n")]),
+        lambda d, o, t, m: ('sophiag',
+                            resume(d, o) + [config_file(t, "learning_rate = float('nan')")]),
         'run', ['learning_rate=nan', 'config.py:1', 'must be > 0']),
     'an infinite learning rate': (
         lambda d, o, t, m: ('sophiag', resume(d, o, learning_rate='1e999')),
         'run', ['learning_rate=inf', 'must be finite']),
     'token files of another dtype': (
-        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'int32'), 'int32'), o)),
-        'run', [os.path.join('int32', 'train.bin'), 'bytes but', 'uint16 tokens', 'of another dtype or dataset']),
+        lambda d, o, t, m: ('sophiag', resume(damaged_copy(d, t, 'int32'), o)),
+        'run', [os.path.join('int32', 'train.bin'), 'bytes but', 'uint16 tokens',
+                'of another dtype or dataset']),
     'a token file cut short': (
-        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'cut'), 'cut'), o)),
+        lambda d, o, t, m: ('sophiag', resume(damaged_copy(d, t, 'cut'), o)),
         'run', [os.path.join('cut', 'train.bin'), 'bytes but', 'or cut short']),
     'meta.pkl of another dtype': (
-        lambda d, o, t, m: ('sophiag', resume(damaged_dataset(d, os.path.join(t, 'dtype'), 'dtype'), o)),
+        lambda d, o, t, m: ('sophiag', resume(damaged_copy(d, t, 'dtype'), o)),
         'run', [os.path.join('dtype', 'meta.pkl'), "records dtype 'int32'", 'reads uint16']),
     'missing config file': (
         lambda d, o, t, m: ('sophiag', [os.path.join(t, 'nope.py')] + resume(d, o)),
@@ -933,7 +947,8 @@ FOUND_BEFORE_TRAIN = {
     'mistyped value on the command line', 'mistyped boolean', 'Sophia key given to AdamW',
     'negative gradient accumulation', 'processes x batch x accumulation is not total_bs',
     'total_bs that the processes cannot split', 'unknown init_from', 'missing config file',
-    'a negative seed', 'a seed past 64 bits', 'a NaN learning rate in a config file', 'an infinite learning rate',
+    'a negative seed', 'a seed past 64 bits', 'a NaN learning rate in a config file',
+    'an infinite learning rate',
     'device=cuda without CUDA', 'nccl backend on a CPU', "an official config's optimizer_name for the other script",
     'FSDP on a device it cannot run on', 'HSDP shard groups that do not divide the processes', 'Sophia-H under FSDP',
     'dtype=bfloat16 on a GPU without it',

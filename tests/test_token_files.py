@@ -13,8 +13,9 @@ import numpy as np
 from helpers import ROOT, call_main, make_char_dataset, tiny_args
 
 def prepare(name, *args, env=None):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'data', name, 'prepare.py'), *map(str, args)],
-                            capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {})))
+    script = os.path.join(ROOT, 'data', name, 'prepare.py')
+    result = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, **(env or {})))
     assert result.returncode == 0, result.stderr[-3000:]
 
 def fake_stdlib(folder):
@@ -41,7 +42,8 @@ def test_every_prepare_script_records_dtype_and_token_counts(tmp_path, gpt2_rank
             meta = pickle.load(f)
         assert meta['dtype'] == 'uint16', name
         for split in ('train', 'val'):
-            assert meta[f'{split}_tokens'] == len(np.fromfile(out / f'{split}.bin', dtype=np.uint16)) > 0, name
+            tokens = np.fromfile(out / f'{split}.bin', dtype=np.uint16)
+            assert meta[f'{split}_tokens'] == len(tokens) > 0, (name, split)
 
 def test_a_dataset_prepared_before_the_record_trains_with_one_warning(tmp_path, capsys):
     data = make_char_dataset(str(tmp_path / 'old'))
@@ -52,6 +54,6 @@ def test_a_dataset_prepared_before_the_record_trains_with_one_warning(tmp_path, 
     status, stdout, err = call_main(capsys, tiny_args(data, str(tmp_path / 'out'), max_iters=2))
     assert status == 0 and err == ''
     warnings = [line for line in stdout.splitlines() if line.startswith('warning')]
-    assert warnings == [f"warning: {data}/meta.pkl records no dtype or token counts (prepared before they "
-                        f"were): the token files are read as uint16 unchecked; prepare the token files in "
-                        f"{data} to record them"]
+    assert warnings == [f"warning: {data}/meta.pkl records no dtype or token counts (prepared "
+                        f"before they were): the token files are read as uint16 unchecked; prepare "
+                        f"the token files in {data} to record them"]
