@@ -60,6 +60,12 @@ def test_tiny_mode_runs_every_stage_into_the_example_layout(tmp_path, gpt2_ranks
     e2e = json.loads((layout / 'e2e.json').read_text())
     assert all(len(v) == 1 and v[0] > 0 for v in e2e['tokens_per_s'].values())
     assert (out / 'summary.md').read_text() == gpu_check.tables(str(layout))
+    # the report reads the tarball as the device tool brings it back
+    report = run_check(f"--report={out / 'gpu-check.tar.gz'}", f"--study_root={tmp_path / 'repo'}")
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.startswith((out / 'summary.md').read_text())
+    assert sorted(os.listdir(tmp_path / 'repo' / 'study' / 'tiny')) == \
+        ['adamw-lr0.001.json', 'adamw-lr0.001.jsonl']
     print(f"tiny mode: {seconds:.0f} s")
 
 def test_report_rebuilds_the_tables_from_the_committed_example(tmp_path):
