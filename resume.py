@@ -141,6 +141,12 @@ def load_start(config, recipe, master, device):
             if not earlier_logs(config['out_dir']):
                 raise UserError(f"--init_from=resume but {config['out_dir']} holds no checkpoint; "
                                 f"start with --init_from=scratch")
+            damaged = sorted(name for name in os.listdir(config['out_dir'])
+                             if name.startswith('ckpt-') and name.endswith('.damaged'))
+            if damaged:  # set aside by an earlier resume: starting over would drop them unasked
+                raise UserError(f"--init_from=resume but every checkpoint in {config['out_dir']} "
+                                f"is damaged ({', '.join(damaged)}); put a good one in place, or "
+                                f"start over in another --out_dir")
             return None, None  # an attempt that stopped before its first checkpoint: start over
     elif init_from.endswith(('.pt', '.dcp')):
         state, path = read_checkpoint_file(init_from.rstrip(os.sep), device), init_from.rstrip(os.sep)

@@ -250,3 +250,23 @@ def test_a_full_disk_is_one_line_and_loses_no_checkpoint(tmp_path, dataset, monk
     # the log gained the rows of iterations 4-6
     assert after.pop('metrics.jsonl').startswith(before.pop('metrics.jsonl'))
     assert after == before
+
+def test_an_out_dir_of_damaged_checkpoints_alone_is_not_started_over(tmp_path, dataset, straight,
+                                                                    capsys):
+    """Every checkpoint set aside as damaged by an earlier resume: the out_dir has a log and no
+    checkpoint, like an attempt killed before its first one, but its run is not started over
+    unasked: one line, exit 2, nothing moved."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(straight, out)
+    for name in os.listdir(out):
+        if name.startswith('best.'):
+            os.remove(os.path.join(out, name))
+        elif name.endswith('.pt'):
+            os.replace(os.path.join(out, name), os.path.join(out, name + '.damaged'))
+    before = snapshot(out)
+    status, _, err = call_main(capsys, tiny_args(dataset, out, init_from='resume', **RUN))
+    assert status == 2
+    assert err == (f"error: --init_from=resume but every checkpoint in {out} is damaged "
+                   f"(ckpt-00000003.pt.damaged, ckpt-00000006.pt.damaged); put a good one in "
+                   f"place, or start over in another --out_dir\n")
+    assert snapshot(out) == before
