@@ -72,7 +72,10 @@ class OutDirLock:
                             f"{holder[0]} holds {path}); wait for it to end or stop it, or choose "
                             f"another --out_dir")
         if rank != 0:
-            self.file = open(path, 'a+')
+            try:
+                self.file = open(path)
+            except FileNotFoundError:  # an out_dir of process 0's node alone: nothing to hold here
+                return
             fcntl.flock(self.file, fcntl.LOCK_SH | fcntl.LOCK_NB)  # process 0 holds it shared
 
     def release(self, rank):
