@@ -43,14 +43,17 @@ class OutDirLock:
         path = os.path.join(out_dir, self.NAME)
         holder = None
         if rank == 0:
+            def held_by_another(f):
+                f.seek(0)
+                holder = f.read().split() or ['?', '?']  # ? where the holder has not written yet
+                f.close()
+                return holder
             while True:
                 f = open(path, 'a+')
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    f.seek(0)
-                    holder = f.read().split() or ['?', '?']
-                    f.close()
+                    holder = held_by_another(f)
                     break
                 if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                     break  # not a file that an ending run removed between our open and flock
@@ -60,9 +63,11 @@ class OutDirLock:
                 f.truncate()
                 f.write(f"{socket.gethostname()} {os.getpid()}\n")
                 f.flush()
-                # not atomic: a second launch may slip in between, and this one is refused
-                fcntl.flock(f, fcntl.LOCK_SH)
-                self.file = f
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    self.file = f
+                except BlockingIOError:  # the switch is not atomic: another launch took it between
+                    holder = held_by_another(f)
         if world_size > 1:
             box = [holder]
             dist.broadcast_object_list(box, src=0)
