@@ -469,7 +469,8 @@ def test_openwebtext_prepare_on_local_jsonl(gpt2_ranks_file, tmp_path, monkeypat
     assert (val == EOT).sum() == 30  # train_test_split rounds test_size * 300 documents up
     assert f"val has {len(val):,} tokens" in result.stdout
     with open(out_dir / "meta.pkl", "rb") as f:
-        assert pickle.load(f) == {"vocab_size": 50257, "tokenizer": "gpt2"}
+        assert pickle.load(f) == {"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16",
+                                  "train_tokens": len(train), "val_tokens": len(val)}
     assert sorted(os.listdir(out_dir)) == ["meta.pkl", "train.bin", "val.bin"]
 
 
@@ -582,7 +583,9 @@ def test_shakespeare_bpe_on_local_input(gpt2_ranks_file, tmp_path, monkeypatch):
     cut = int(len(SAMPLE_TEXT) * 0.9)
     assert read_bin(tmp_path / "out" / "train.bin").tolist() == enc.encode_ordinary(SAMPLE_TEXT[:cut])
     assert read_bin(tmp_path / "out" / "val.bin").tolist() == enc.encode_ordinary(SAMPLE_TEXT[cut:])
-    assert tokenizer.load_meta(tmp_path / "out") == {"vocab_size": 50257, "tokenizer": "gpt2"}
+    assert tokenizer.load_meta(tmp_path / "out") == {
+        "vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16",
+        "train_tokens": len(enc.encode_ordinary(SAMPLE_TEXT[:cut])), "val_tokens": len(enc.encode_ordinary(SAMPLE_TEXT[cut:]))}
 
 
 @pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare"])

@@ -150,7 +150,9 @@ def main(argv=None):
               for split, dset in tokenized.items()}
     meta_path = os.path.join(args.out_dir, "meta.pkl")
     with open(meta_path + ".tmp", "wb") as f:
-        pickle.dump({"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2"}, f)
+        # the dtype and each split's token count: the trainer checks the token files against them
+        pickle.dump({"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16",
+                     **{f"{split}_tokens": count for split, count in counts.items()}}, f)
     os.replace(meta_path + ".tmp", meta_path)
     for split, count in counts.items():
         print(f"{split} has {count:,} tokens ({len(tokenized[split]):,} documents)")

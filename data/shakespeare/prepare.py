@@ -71,14 +71,17 @@ def main(argv=None):
     # temporary names, renamed at the end: an interrupted run leaves no complete-looking bins
     outputs = {os.path.join(args.out_dir, name) + ".tmp": os.path.join(args.out_dir, name)
                for name in ("train.bin", "val.bin", "meta.pkl")}
+    # the dtype and each split's token count: the trainer checks the token files against them
+    meta = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16"}
     try:
         for split, text in tqdm(splits.items(), desc="encoding"):
             # encode_ordinary: a literal "<|endoftext|>" in the text is just text, never token 50256
             ids = np.array(enc.encode_ordinary(text), dtype=np.uint16)
             ids.tofile(os.path.join(args.out_dir, f"{split}.bin.tmp"))
             print(f"{split} has {len(ids):,} tokens")
+            meta[f"{split}_tokens"] = len(ids)
         with open(os.path.join(args.out_dir, "meta.pkl.tmp"), "wb") as f:
-            pickle.dump({"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2"}, f)
+            pickle.dump(meta, f)
     except BaseException:
         for tmp in outputs:
             if os.path.exists(tmp):
