@@ -90,7 +90,7 @@ def default_config():
     # learning rate schedule: linear warmup, cosine decay to min_lr, then constant
     decay_lr = True  # False: learning_rate throughout
     warmup_iters = 2000  # iterations of linear warmup
-    lr_decay_iters = 100000  # the iteration where the cosine reaches min_lr (~ max_iters per Chinchilla)
+    lr_decay_iters = 100000  # the iteration where the cosine reaches min_lr (~ max_iters per Chinchilla); left at its default it follows max_iters
     min_lr = 3e-5  # ~ learning_rate / 10 per Chinchilla
     # system
     device = 'cuda'  # 'cpu', 'cuda', 'cuda:N' or 'mps'; under torchrun each process takes cuda:LOCAL_RANK
@@ -391,6 +391,30 @@ def check_config(config, sources, world_size=1, local_world_size=None, recipe=No
     if recipe is not None:  # the optimizer's own keys, and what it cannot do
         recipe.check(config, checks, world_size)
     batch_plan(config, sources, world_size)  # raises on batch arithmetic that cannot work
+
+def fit_schedule(config, sources):
+    """A schedule that fits the run: lr_decay_iters left at its default follows max_iters (a run
+    shortened with --max_iters decays fully); one set explicitly beyond max_iters, or a warmup
+    longer than the run, is kept as given and said in a note. Returns the notes."""
+    def show(key):
+        return f"{key}={config[key]!r} ({sources.get(key, 'default')})"
+    if not config['decay_lr']:
+        return []
+    notes = []
+    follow = max(config['max_iters'], config['warmup_iters'])  # the cosine starts after the warmup
+    if sources.get('lr_decay_iters', 'default') == 'default' and config['lr_decay_iters'] != follow:
+        config['lr_decay_iters'] = follow
+        sources['lr_decay_iters'] = f"max_iters ({sources.get('max_iters', 'default')})"
+        notes.append(f"lr_decay_iters follows {show('max_iters')}: the cosine reaches min_lr at the last "
+                     f"iteration")
+    elif config['lr_decay_iters'] > config['max_iters']:
+        notes.append(f"warning: {show('lr_decay_iters')} is beyond {show('max_iters')}: the run ends "
+                     f"before the cosine reaches min_lr; add --lr_decay_iters={config['max_iters']} to "
+                     f"decay fully")
+    if config['warmup_iters'] > config['max_iters']:
+        notes.append(f"warning: {show('warmup_iters')} is longer than {show('max_iters')}: the run ends "
+                     f"still warming up; lower --warmup_iters")
+    return notes
 
 def format_config(config, sources):
     """The resolved config, one key per line, with where each non-default value came from."""

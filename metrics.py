@@ -9,6 +9,7 @@ tokens/s, MFU, norms, peak memory, and what the optimizer adds: optimizers.py, r
 
 import json
 import math
+import os
 import sys
 
 import torch
@@ -44,8 +45,11 @@ class MetricsLog:
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, 'a') as f:
             f.write(json.dumps(row) + '\n')
-        if self.wandb_run is not None and row['kind'] != 'config':
-            self.wandb_run.log({k: v for k, v in row.items() if k != 'kind' and v is not None})
+        values = {k: v for k, v in row.items() if k != 'kind' and v is not None}
+        if self.wandb_run is not None and row['kind'] == 'summary':
+            self.wandb_run.summary.update(values)  # the run's outcome, not a point of a curve
+        elif self.wandb_run is not None and row['kind'] != 'config':
+            self.wandb_run.log(values)
 
 class IntervalLog:
     """The training rows of metrics.jsonl and the printed lines, every log_interval iterations.
@@ -118,6 +122,25 @@ def describe_batch(run):
         line += (f" (accumulation derived: total_bs {config['total_bs']} / ({config['batch_size']} batch x "
                  f"{run.world_size} process{'es' if run.world_size > 1 else ''}))")
     return line + run.recipe.describe(run)
+
+def summary(run, state, wall_seconds, log):
+    """The block that closes a finished training run, and its row in metrics.jsonl: what it
+    reached, what it cost, where its checkpoints are, and what to run next."""
+    out_dir = run.config['out_dir']
+    best = os.path.join(out_dir, 'best.pt')
+    row = {'kind': 'summary', 'iter': state.iter_num, 'tokens': state.iter_num * run.tokens_per_iter,
+           'time': state.train_time, 'wall_seconds': wall_seconds, 'final_val_loss': state.val_loss,
+           'best_val_loss': state.best_val_loss, 'checkpoint': state.checkpoint,
+           'best_checkpoint': best if os.path.exists(best) else None}
+    log.write(row)
+    print(f"done: {state.iter_num:,} iterations, {row['tokens']:,} tokens, {duration(state.train_time)} of "
+          f"training ({duration(wall_seconds)} in all, evaluations and checkpoints included)\n"
+          f"val loss: final {state.val_loss:.4f}, best {state.best_val_loss:.4f}\n"
+          f"checkpoints: {state.checkpoint}" + (f", best {best}" if row['best_checkpoint'] else '') + "\n"
+          f"next: python sample.py --out_dir={out_dir}\n"
+          f"      python compare.py {out_dir} OTHER_OUT_DIR...   # loss against iterations, tokens, seconds\n"
+          f"      python export_hf.py {out_dir} hf-{os.path.basename(os.path.normpath(out_dir))}   "
+          f"# a Hugging Face folder", flush=True)
 
 def peak_memory(device):
     """Bytes this process has needed at most: on a GPU the most its tensors took at once, on the CPU

@@ -38,9 +38,9 @@ import hellaswag
 import resume
 from batches import EVAL_STREAMS, TRAIN_STREAM, TokenFiles, check_token_ids, get_batch, open_dataset
 from configurator import (UserError, batch_plan, check_config, default_config, describe_defaults,
-                          format_config, format_help, parse_args, wants_help)
+                          fit_schedule, format_config, format_help, parse_args, wants_help)
 from distributed import SignalFlag, is_communication_failure, set_gradient_sync, whole
-from metrics import IntervalLog, MetricsLog, describe_batch
+from metrics import IntervalLog, MetricsLog, describe_batch, summary
 
 class TrainingStopped(Exception):
     """The run stopped on purpose (a signal, too many non-finite iterations); exit status given."""
@@ -99,6 +99,7 @@ class RunState:
     wandb_id: str = ''
     checkpoint: str = None  # the newest checkpoint written or continued from (not saved)
     eval_seconds: float = 0.0  # the last evaluation's duration, for the ETA (not saved)
+    val_loss: float = None  # the last evaluation's (not saved)
 
     SAVED = ('iter_num', 'sequences_drawn', 'best_val_loss', 'train_time', 'nonfinite_in_a_row', 'wandb_id')
 
@@ -235,7 +236,7 @@ def evaluate(run, state, log):
     scores = score_hellaswag(run) if run.hellaswag else {}
     state.eval_seconds = time.time() - started
     is_best = losses['val'] < state.best_val_loss
-    state.best_val_loss = min(state.best_val_loss, losses['val'])
+    state.best_val_loss, state.val_loss = min(state.best_val_loss, losses['val']), losses['val']
     if log is not None:
         print(f"step {state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
               + (f", hellaswag acc_norm {scores['hellaswag/acc_norm']:.4f} ({scores['hellaswag/items']:,} "
@@ -368,6 +369,7 @@ def setup(recipe_class, config, sources, plan, rank, world_size, local_world_siz
 
 def train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size, device,
           stop_flag, lock):
+    started = time.time()
     run, state, model_args, exact = setup(recipe_class, config, sources, plan, rank, world_size,
                                           local_world_size, device, lock)
     peak = config['peak_flops'] or None
@@ -437,6 +439,8 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
         state.iter_num += 1
         state.train_time += time.time() - iteration_start
         interval.write(run, state, lr, log, peak)
+    if log is not None and not config['eval_only']:
+        summary(run, state, time.time() - started, log)
     if wandb_run is not None:
         wandb_run.finish()
 
@@ -457,13 +461,19 @@ def main(recipe_class, argv, usage=''):
     lock = resume.OutDirLock()
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     master = int(os.environ.get('RANK', 0)) == 0
-    status, stopped = 0, False
+    status, stopped, fresh = 0, False, False
     try:
         notes = []
         config, sources = parse_args(defaults, argv, foreign, notes)
         local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+        notes += fit_schedule(config, sources)
         check_config(config, sources, world_size, local_world_size, recipe_class)
         plan = batch_plan(config, sources, world_size)
+        if config['total_bs'] != plan.sequences:  # record the batch the run trains with
+            config['total_bs'] = plan.sequences
+            sources['total_bs'] = (f"{world_size} process{'es' if world_size > 1 else ''} x batch_size x "
+                                   f"gradient_accumulation_steps")
+        fresh = not os.path.exists(config['out_dir'])  # a start that fails leaves no folder behind
         rank, world_size, device = distributed.setup_distributed(config)
         train(recipe_class, config, sources, notes, plan, rank, world_size, local_world_size,
               device, stop_flag, lock)
@@ -485,6 +495,11 @@ def main(recipe_class, argv, usage=''):
               f"resume with --init_from=resume", file=sys.stderr, flush=True)
     finally:
         lock.release(int(os.environ.get('RANK', 0)))
+        if status == 2 and master and fresh:
+            try:
+                os.rmdir(config['out_dir'])  # only if nothing was written into it
+            except OSError:
+                pass
         distributed.end_process_group(status, stopped)
         stop_flag.uninstall()
     sys.exit(status)
