@@ -500,7 +500,8 @@ def report_cpu(suite, results, root, sweeps, bests, seconds, jobs):
     rates = {label: statistics.fmean(tokens / run.eval[-1]['time'] for run in runs[label])
              for label in runs}
     throughput = ("Throughput, tokens over each run's wall-clock seconds (evaluations included; "
-                  "runs side by side share the cores), mean over seeds: AdamW "
+                  "measured beside the other runs and whatever else the machine ran, so noisy, as "
+                  "are the seconds columns), mean over seeds: AdamW "
                   f"{rates['AdamW']:,.0f} tokens/s, " +
                   ', '.join(f"{label} {rates[label]:,.0f} ({rates[label] / rates['AdamW']:.3f} of "
                             f"AdamW's)" for label in ('Sophia-G', 'Muon')) + ".")
