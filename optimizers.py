@@ -42,6 +42,7 @@ class Recipe:
     diagnostics). Subclasses set `name` (in checkpoints, metrics.jsonl and compare.py), `title`
     and `script`."""
     name = title = script = None
+    divergence_advice = 'Lower the learning rate'  # what a run stopped by non-finite losses should change
 
     @staticmethod
     def own_defaults():
@@ -170,6 +171,7 @@ class SophiaGRecipe(Recipe):
       u * (H u) (Sophia-H), then optimizer.update_hessian();
     - the win rate and the norms of its momentum and Hessian EMA in the logs."""
     name, title, script = 'sophiag', 'Sophia-G', 'train_sophiag.py'
+    divergence_advice = 'Lower the learning rate or raise rho'
 
     @staticmethod
     def own_defaults():

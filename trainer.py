@@ -7,7 +7,7 @@ An iteration: each process runs gradient_accumulation_steps micro-batches of bat
 (forward_backward; processes x batch_size x gradient_accumulation_steps = total_bs sequences in
 all, configurator.batch_plan), the gradient is unscaled and clipped, every process agrees on
 skipping a non-finite step and on stopping (clip_and_step), the optimizer steps, then the recipe's
-extra pass runs where due (Sophia's Hessian pass). Evaluations and checkpoints happen at the top of
+extra pass runs where due (a Hessian pass, say). Evaluations and checkpoints happen at the top of
 an iteration. `train` reads top to bottom; bench.py times the same pieces.
 
 The rooms around it:
@@ -280,10 +280,10 @@ def nonfinite_step(run, state):
         raise TrainingStopped(
             f"{state.nonfinite_in_a_row} iterations in a row with a non-finite loss or gradient, the last at "
             f"iteration {state.iter_num}; "
-            + (f"the last good checkpoint is {state.checkpoint}. Lower the learning rate (or raise rho for "
-               f"Sophia) and resume from it" if state.checkpoint else
-               "no checkpoint was saved yet. Lower the learning rate (or raise rho for Sophia) and "
-               "start again with --init_from=resume (from scratch, this attempt's log kept)"), 1)
+            + (f"the last good checkpoint is {state.checkpoint}. {run.recipe.divergence_advice} and resume "
+               f"from it" if state.checkpoint else
+               f"no checkpoint was saved yet. {run.recipe.divergence_advice} and start again with "
+               f"--init_from=resume (from scratch, this attempt's log kept)"), 1)
 
 def stop_run(run, state, signum):
     """The stop every process agreed on, for signal `signum`: the checkpoint is written; wait for
@@ -434,7 +434,7 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
             state.nonfinite_in_a_row += 1
             interval.skipped_step()
             nonfinite_step(run, state)
-        # the optimizer's extra pass where due (Sophia's Hessian pass), on sequences of its own
+        # the optimizer's extra pass where due, on sequences of its own
         state.sequences_drawn += run.recipe.after_step(run, state.iter_num, state.sequences_drawn)
         state.iter_num += 1
         state.train_time += time.time() - iteration_start

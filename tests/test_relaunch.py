@@ -83,7 +83,7 @@ def nonfinite_stop(tmp_path, dataset, out, monkeypatch, capsys):
     monkeypatch.undo()
     assert status == 1
     assert err.strip().splitlines()[-1].endswith(
-        'no checkpoint was saved yet. Lower the learning rate (or raise rho for Sophia) and start '
+        'no checkpoint was saved yet. Lower the learning rate or raise rho and start '
         "again with --init_from=resume (from scratch, this attempt's log kept)")
 
 def finishes(args):
