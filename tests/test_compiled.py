@@ -86,15 +86,17 @@ def test_compiled_sophia_equals_eager(dataset, sophia_eager, tmp_path):
     rows = read_metrics(out, 'train')
     assert min(row['train/win_rate'] for row in rows if row['iter'] >= 3) > 0.3  # the Hessian acts
     assert_same_losses(sophia_eager, out, rel=1e-5)
+    # float32 rounding that compiled kernels sum in another order, grown over six steps: measured up
+    # to 1.05e-5 (CI, 2026-12-02); labels drawn from another generator differ by ~1
     for iter_num in (3, 6):
-        assert_close_runs(tensors_of(sophia_eager, iter_num), tensors_of(out, iter_num), rtol=1e-5)
+        assert_close_runs(tensors_of(sophia_eager, iter_num), tensors_of(out, iter_num), rtol=1e-4)
 
 def test_compiled_adamw_equals_eager(dataset, tmp_path):
     eager, compiled = str(tmp_path / 'eager'), str(tmp_path / 'compiled')
     train(dataset, eager, 'train_adam.py')
     train(dataset, compiled, 'train_adam.py', compiled=True)
     assert_same_losses(eager, compiled, rel=1e-5)
-    assert_close_runs(tensors_of(eager, 6), tensors_of(compiled, 6), rtol=1e-5)
+    assert_close_runs(tensors_of(eager, 6), tensors_of(compiled, 6), rtol=1e-4)
 
 def test_bfloat16_autocast_trains_and_resumes_exactly(dataset, sophia_eager, tmp_path):
     """The whole loop under bfloat16 autocast on the CPU: training steps, Hessian passes,
