@@ -51,6 +51,10 @@ def disk_full(e):
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
+        # torch.distributed.checkpoint raises one CheckpointException on every process, holding
+        # each failed process's exception
+        if any(disk_full(failure) for failure, _ in getattr(e, 'failures', {}).values()):
+            return True
         e = e.__cause__ or e.__context__
     return False
 
@@ -117,11 +121,13 @@ def save_checkpoint(out_dir, state, iter_num, keep_last, is_best):
     except Exception as e:
         if not disk_full(e):
             raise
-        free = shutil.disk_usage(out_dir).free
-        raise DiskFull(f"out_dir={out_dir!r} has no space left for the checkpoint of iteration "
-                       f"{iter_num} (about {tensor_bytes(state):,} bytes; {free:,} free); the "
-                       f"earlier checkpoints are intact: free some space, or lower keep_last, and "
-                       f"resume with --init_from=resume")
+        raise no_space(out_dir, iter_num, tensor_bytes(state))
+
+def no_space(out_dir, iter_num, size):
+    free = shutil.disk_usage(out_dir).free
+    return DiskFull(f"out_dir={out_dir!r} has no space left for the checkpoint of iteration {iter_num} "
+                    f"(about {size:,} bytes; {free:,} free); the earlier checkpoints are intact: free "
+                    f"some space, or lower keep_last, and resume with --init_from=resume")
 
 def write_checkpoint(out_dir, state, iter_num, keep_last, is_best):
     name = f"ckpt-{iter_num:08d}"
@@ -334,7 +340,8 @@ def save_sharded(out_dir, tensors, meta, iter_num, keep_last, is_best, rank, wor
     torch.distributed.checkpoint, each process writing its shards into a temporary folder;
     process 0 adds `meta`; each process hashes the files it wrote, process 0 writes the manifest
     from all of them, then gives the folder its final name, links it as best.dcp if `is_best`
-    and rotates. Returns the folder's path."""
+    and rotates. Returns the folder's path. A full disk on any process raises DiskFull on every
+    process, the temporary folder deleted and the earlier checkpoints as they were."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     final = os.path.join(out_dir, f"ckpt-{iter_num:08d}.dcp")
@@ -342,39 +349,63 @@ def save_sharded(out_dir, tensors, meta, iter_num, keep_last, is_best, rank, wor
     if world_size > 1:
         dist.broadcast_object_list(tmp, src=0)
     tmp = tmp[0]
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
-    if rank == 0:
-        write_synced(os.path.join(tmp, 'meta.pt'), lambda f: torch.save(meta, f))
-    # torch.distributed.checkpoint names a process's files __<rank>_<n>.distcp; process 0 writes
-    # .metadata and meta.pt. Each hashes its own, so a large checkpoint is read back in parallel
-    mine = [name for name in os.listdir(tmp) if name.startswith(f'__{rank}_')]
-    if rank == 0:
-        mine += ['.metadata', 'meta.pt']
-    digests = {name: dict(zip(('bytes', 'sha256'), file_digest(os.path.join(tmp, name)))) for name in mine}
+    digests = None  # stays None where this process's part could not be written for want of space
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        if rank == 0:
+            write_synced(os.path.join(tmp, 'meta.pt'), lambda f: torch.save(meta, f))
+        # torch.distributed.checkpoint names a process's files __<rank>_<n>.distcp; process 0
+        # writes .metadata and meta.pt. Each hashes its own, so a large checkpoint is read back in
+        # parallel
+        mine = [name for name in os.listdir(tmp) if name.startswith(f'__{rank}_')]
+        if rank == 0:
+            mine += ['.metadata', 'meta.pt']
+        digests = {name: dict(zip(('bytes', 'sha256'), file_digest(os.path.join(tmp, name)))) for name in mine}
+    except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception
+        if not disk_full(e):
+            raise
     gathered = [None] * world_size if rank == 0 else None
     if world_size > 1:
         dist.gather_object(digests, gathered, dst=0)
     else:
         gathered = [digests]
-    if rank == 0:
-        files = {name: entry for part in gathered for name, entry in part.items()}
-        unlisted = sorted(set(os.listdir(tmp)) - set(files))
-        if unlisted:
-            raise CheckpointError(f"{tmp} holds files no process wrote: {unlisted}")
-        fsync_dir(tmp)
-        manifest = dict(format_version=FORMAT_VERSION, iter_num=iter_num, files=files,
-                        folder=os.path.basename(final))
-        # the manifest before the folder's final name: a ckpt-*.dcp always has the manifest it is
-        # verified against (an older folder of the same iteration no longer matches it, and goes)
-        write_atomic(manifest_of(final), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if is_best:
-            link_best(out_dir, final, manifest)
-        fsync_dir(out_dir)
-        rotate(out_dir, keep_last)
+    full = None in gathered if rank == 0 else None
+    if rank == 0 and not full:
+        try:
+            publish_sharded(out_dir, tmp, final, gathered, iter_num, keep_last, is_best)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            full = True
+    if world_size > 1:  # every process learns whether the checkpoint is there
+        box = [full]
+        dist.broadcast_object_list(box, src=0)
+        full = box[0]
+    if full:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise no_space(out_dir, iter_num, tensor_bytes(tensors))
     return final
+
+def publish_sharded(out_dir, tmp, final, gathered, iter_num, keep_last, is_best):
+    """Process 0's part of save_sharded, once every process wrote and hashed its files."""
+    files = {name: entry for part in gathered for name, entry in part.items()}
+    unlisted = sorted(set(os.listdir(tmp)) - set(files))
+    if unlisted:
+        raise CheckpointError(f"{tmp} holds files no process wrote: {unlisted}")
+    fsync_dir(tmp)
+    manifest = dict(format_version=FORMAT_VERSION, iter_num=iter_num, files=files,
+                    folder=os.path.basename(final))
+    # the manifest before the folder's final name: a ckpt-*.dcp always has the manifest it is
+    # verified against (an older folder of the same iteration no longer matches it, and goes)
+    write_atomic(manifest_of(final), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if is_best:
+        link_best(out_dir, final, manifest)
+    fsync_dir(out_dir)
+    rotate(out_dir, keep_last)
 
 def link_best(out_dir, folder, manifest):
     """best.dcp: hard links to the files of the sharded checkpoint `folder` (copies where the
@@ -382,11 +413,15 @@ def link_best(out_dir, folder, manifest):
     best = os.path.join(out_dir, 'best.dcp')
     tmp = f"{best}.tmp{os.getpid()}"
     os.makedirs(tmp)
-    for name in manifest['files']:
-        try:
-            os.link(os.path.join(folder, name), os.path.join(tmp, name))
-        except OSError:
-            shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
+    try:
+        for name in manifest['files']:
+            try:
+                os.link(os.path.join(folder, name), os.path.join(tmp, name))
+            except OSError:
+                shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
+    except OSError:
+        shutil.rmtree(tmp)
+        raise
     write_atomic(manifest_of(best), lambda f: f.write(json.dumps(dict(manifest, folder='best.dcp'), indent=1).encode()))
     old = f"{best}.old{os.getpid()}"
     if os.path.isdir(best):

@@ -92,6 +92,14 @@ def whole(tensor):
     from torch.distributed.tensor import DTensor
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
+def from_process_0(value, world_size):
+    """Process 0's `value` (a picklable object), on every process."""
+    if world_size > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
 def gather_rng_states(world_size, device):
     """Every process's torch RNG states (dropout draws from them), gathered to all processes."""
     state = {'cpu': torch.get_rng_state()}

@@ -16,6 +16,7 @@ import torch
 import checkpoint
 from batches import model_vocab_size
 from configurator import UserError
+from distributed import from_process_0
 from model import GPT, GPTConfig, MODEL_KEYS
 from optimizers import RECIPES
 
@@ -39,7 +40,6 @@ class OutDirLock:
         holds the lock."""
         import fcntl
         import socket
-        import torch.distributed as dist
         path = os.path.join(out_dir, self.NAME)
         holder = None
         if rank == 0:
@@ -68,10 +68,7 @@ class OutDirLock:
                     self.file = f
                 except BlockingIOError:  # the switch is not atomic: another launch took it between
                     holder = held_by_another(f)
-        if world_size > 1:
-            box = [holder]
-            dist.broadcast_object_list(box, src=0)
-            holder = box[0]
+        holder = from_process_0(holder, world_size)
         if holder is not None:
             raise UserError(f"out_dir={out_dir!r} is in use by another run (process {holder[1]} on "
                             f"{holder[0]} holds {path}); wait for it to end or stop it, or choose "

@@ -254,20 +254,28 @@ def save(run, state, model_args, is_best):
     meta = dict(format_version=checkpoint.FORMAT_VERSION, scaler=run.scaler.state_dict(), model_args=model_args,
                 config=run.config, optimizer_name=run.recipe.name, rng=rng,
                 **{key: getattr(state, key) for key in RunState.SAVED})
+    full = None  # a full disk stops every process with process 0's line
     if run.sharded:  # every process writes its shards
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_state, optimizer_state = get_state_dict(run.raw_model, run.optimizer)
-        state.checkpoint = checkpoint.save_sharded(
-            run.config['out_dir'], {'model': model_state, 'optimizer': optimizer_state}, meta, state.iter_num,
-            run.config['keep_last'], is_best, run.rank, run.world_size)
-    elif run.rank == 0:
         try:
-            state.checkpoint = checkpoint.save_checkpoint(
-                run.config['out_dir'], dict(meta, model=run.raw_model.state_dict(),
-                                            optimizer=run.optimizer.state_dict()),
-                state.iter_num, run.config['keep_last'], is_best)
-        except checkpoint.DiskFull as e:
-            raise UserError(str(e))
+            state.checkpoint = checkpoint.save_sharded(
+                run.config['out_dir'], {'model': model_state, 'optimizer': optimizer_state}, meta,
+                state.iter_num, run.config['keep_last'], is_best, run.rank, run.world_size)
+        except checkpoint.DiskFull as e:  # on every process
+            full = str(e)
+    else:
+        if run.rank == 0:
+            try:
+                state.checkpoint = checkpoint.save_checkpoint(
+                    run.config['out_dir'], dict(meta, model=run.raw_model.state_dict(),
+                                                optimizer=run.optimizer.state_dict()),
+                    state.iter_num, run.config['keep_last'], is_best)
+            except checkpoint.DiskFull as e:
+                full = str(e)
+        full = distributed.from_process_0(full, run.world_size)
+    if full:
+        raise UserError(full)
     if run.rank == 0:
         print(f"saved checkpoint {state.checkpoint} ({time.time() - started:.1f} s)")
 

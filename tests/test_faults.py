@@ -256,6 +256,23 @@ if fault == 'signal' and rank == 0:
         note('saved')
         return path
     checkpoint.save_checkpoint = slow_save_checkpoint
+if fault == 'disk_full' and rank == int(os.environ['FAULT_RANK']):  # the checkpoint of iteration `at`
+    import errno
+    import torch.distributed.checkpoint.filesystem as dcp_files
+    def no_space(f):
+        if f'ckpt-{{at:08d}}' in getattr(f, 'name', ''):
+            f.write(b'part of a tensor')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+    write_shard = dcp_files._write_item  # a sharded run's files, one per process
+    def full_write_item(transforms, stream, *args, **kwargs):
+        no_space(stream)
+        return write_shard(transforms, stream, *args, **kwargs)
+    dcp_files._write_item = full_write_item
+    write_file = checkpoint.HashingWriter.write  # the single .pt file process 0 writes
+    def full_write(self, data):
+        no_space(self.f)
+        return write_file(self, data)
+    checkpoint.HashingWriter.write = full_write
 trainer.main(SophiaGRecipe, sys.argv[1:])
 '''
 
@@ -698,6 +715,57 @@ def test_a_dead_process_ends_the_torchrun_run(tmp_path, dataset):
     _, err = finish(process)
     assert process.returncode != 0
     assert_communication_error(err)
+
+@pytest.mark.parametrize('data_parallel, full_on', [('fsdp', 1), ('ddp', 0)])
+def test_a_full_disk_stops_every_process_with_one_line(tmp_path, dataset, data_parallel, full_on):
+    """A planted ENOSPC while one process writes its part of a checkpoint (a sharded run's process 1,
+    or DDP's process 0, which writes the whole .pt): every process stops at that checkpoint, one
+    line names out_dir and the bytes, and out_dir is as before but for the log's new rows: the
+    earlier checkpoints intact, no temporary file or folder left."""
+    out = str(tmp_path / 'out')
+    args = tiny_args(dataset, out, **dict(RUN, max_iters=3, lr_decay_iters=6, checkpoint_interval=3,
+                                          eval_interval=3, data_parallel=data_parallel))
+    check_ok(run_script('train_sophiag.py', args, env=ONE_THREAD, launcher=TORCHRUN, timeout=WAIT))
+    before = snapshot(out)
+    env = dict(FAULT='disk_full', FAULT_ITER='6', FAULT_RANK=str(full_on), FAULT_LOG=str(tmp_path))
+    process = start(tmp_path, 'full', faulty_script(tmp_path), args + ['--max_iters=6', '--init_from=resume'],
+                    env=env, launcher=TORCHRUN)
+    _, err = finish(process)
+    assert process.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    # (what follows the line is torchrun's own report of the failed processes)
+    assert len(lines) == 1 and 'Traceback' not in err.split('error: ')[0], err[-3000:]
+    assert 'communication' not in err
+    assert re.fullmatch(rf"error: out_dir={re.escape(repr(out))} has no space left for the checkpoint "
+                        r"of iteration 6 \(about [\d,]+ bytes; [\d,]+ free\); the earlier checkpoints are "
+                        r"intact: free some space, or lower keep_last, and resume with --init_from=resume",
+                        lines[0])
+    assert re.findall(r'exitcode *: (\d+) \(pid', err) == ['2', '2'], err[-3000:]  # both processes
+    after = snapshot(out)
+    assert after.pop('metrics.jsonl')[0] > before.pop('metrics.jsonl')[0]  # the rows of iterations 4-6
+    assert after == before
+
+def test_a_finished_run_exits_0_on_every_process_under_load(tmp_path, dataset):
+    """A 2-process run that trained to its end exits 0 on both processes, also on a machine busier
+    than its cores (a CPU-bound process per core beside the job): the processes leave the group
+    together, after process 0's last checkpoint, before the interpreter exits. Once, in a suite run
+    on a loaded machine, process 1 aborted at exit after its run had finished (`terminate called
+    without an active exception`) and torchrun reported the job failed; this repeats that exit, with
+    DDP and with FSDP (whose checkpoint writes run threads of their own)."""
+    load = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(os.cpu_count() or 2)]
+    try:
+        for n, data_parallel in enumerate(('ddp', 'fsdp', 'ddp')):
+            out = str(tmp_path / f'out{n}')
+            args = tiny_args(dataset, out, **dict(RUN, max_iters=2, lr_decay_iters=2, eval_interval=2,
+                                                  data_parallel=data_parallel))
+            result = run_script('train_sophiag.py', args, env=ONE_THREAD, launcher=TORCHRUN, timeout=WAIT)
+            assert result.returncode == 0 and 'terminate called' not in result.stderr, \
+                f"{data_parallel}, run {n}: exit {result.returncode}\n{result.stderr[-3000:]}"
+            assert checkpoint.list_checkpoints(out)[0] == 2
+    finally:
+        for process in load:
+            process.kill()
+            process.wait()
 
 # -----------------------------------------------------------------------------
 # bad input: one line, exit status 2, nothing in out_dir overwritten
