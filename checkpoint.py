@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import torch
 
@@ -290,9 +291,16 @@ def load_sharded_meta(path, map_location, model_tensors):
     if model_tensors:
         # torch's reader of a whole DCP checkpoint into one process (no process group needed)
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-        model = _load_state_dict_from_keys({'model'}, checkpoint_id=path)['model']
+        model = in_one_process(_load_state_dict_from_keys, {'model'}, checkpoint_id=path)['model']
         state['model'] = {key: value.to(map_location) for key, value in model.items()}
     return state
+
+def in_one_process(read, *args, **kwargs):
+    """A torch.distributed.checkpoint read in a process that has no process group, which torch
+    warns of ("assuming the intent is to load in a single process"): the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'torch.distributed is .*uninitialized', UserWarning)
+        return read(*args, **kwargs)
 
 def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model_tensors=True):
     """The newest checkpoint in out_dir that verifies and loads, falling back past damaged ones.

@@ -306,7 +306,8 @@ def load_sharded_checkpoint(model, optimizer, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.load({'model': model_state, 'optimizer': optimizer_state}, checkpoint_id=path)
+    checkpoint.in_one_process(dcp.load, {'model': model_state, 'optimizer': optimizer_state},
+                              checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 def restore(start, path, model, optimizer, scaler, groups, rank, world_size, device, sharded):

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sys
+import warnings
 
 import pytest
 import torch
@@ -43,7 +44,8 @@ def tensors_of(path):
     found = {f'model.{key}': value for key, value in state['model'].items() if key != 'lm_head.weight'}
     if 'sharded' in state:
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-        optimizer = _load_state_dict_from_keys({'optimizer'}, checkpoint_id=path)['optimizer']['state']
+        optimizer = checkpoint.in_one_process(_load_state_dict_from_keys, {'optimizer'},
+                                              checkpoint_id=path)['optimizer']['state']
     else:
         import resume
         from model import GPT, GPTConfig
@@ -167,9 +169,18 @@ def test_fsdp_checkpoint_resumes_on_one_process_unsharded(dataset, fsdp_run, tmp
     resumed = truncated_copy(out, 4, str(tmp_path / 'resumed'))
     result = train(dataset, resumed, launcher=None, init_from='resume')
     assert 'the checkpoint was written by 2 processes, this run has 1' in result.stdout
+    assert 'Warning' not in result.stderr  # torch's about reading without a process group, for one
     assert_close_runs(ckpt(out, 8, True), ckpt(resumed, 8, False), rtol=1e-4)
     for it, loss in train_losses(out).items():
         assert train_losses(resumed)[it] == pytest.approx(loss, rel=1e-4), it
+
+def test_a_sharded_checkpoint_reads_whole_in_one_process_without_a_warning(fsdp_run):
+    """As sample.py, export_hf.py and hellaswag.py read one: no process group, no warning of it."""
+    out, _ = fsdp_run
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        state = checkpoint.load_checkpoint(ckpt(out, 8, True))
+    assert state['model']['transformer.wte.weight'].shape[1] == 32  # whole, not a shard's rows
 
 def test_hsdp_on_four_processes_trains_as_ddp_does(dataset, ddp_run, tmp_path):
     """A 2 x 2 mesh: parameters sharded over pairs of processes and replicated across the pairs."""
