@@ -1,7 +1,7 @@
 """
 One prepared check for a lent GPU: everything this repository has to measure on a CUDA machine,
 in one call, written under one output folder; and a second command that turns that output into
-the README's GPU tables and the GPU study's committed records, on any machine.
+the GPU tables of docs/throughput.md and the GPU study's committed records, on any machine.
 
 A lent GPU comes with little device time (15 minutes per task, the machine's start included, at
 most 10 minutes a command) and no network. So the check is one script with a budget: its stages
@@ -43,8 +43,8 @@ The call, through the device tool (budget 330 s, so that a rerun still fits in t
 
     run(command="python3 gpu_check.py --out=$OUT", carry=[".gpu_check"], timeout_s=390)
 
-Then, on any machine, no GPU needed: the tables (printed, for the README's "On a GPU") and the
-study's new records copied into study/gpu/ (then `python study.py --suite=gpu --report_only`):
+Then, on any machine, no GPU needed: the tables (printed, for "On a GPU" in docs/throughput.md)
+and the study's new records copied into study/gpu/ (then `python study.py --suite=gpu --report_only`):
 
     $ python gpu_check.py --report=PATH/gpu-check.tar.gz
 
@@ -398,7 +398,7 @@ def percent(x):
     return '-' if x is None else f'{x:.1%}'
 
 def tables(layout):
-    """The README's GPU tables, in markdown, from a check's layout folder."""
+    """The GPU tables of docs/throughput.md, in markdown, from a check's layout folder."""
     manifest, env = read_json(layout, 'manifest.json'), read_json(layout, 'env.json')
     if manifest is None:
         return 'no manifest.json: not the output of gpu_check.py\n'

@@ -109,8 +109,8 @@ CPU = Suite(
 # wide, 17.7M parameters with the tied 50,304 x 256 embedding (12.9M of them): 262M tokens is 15
 # per parameter, about Chinchilla's compute-optimal 20, so the comparison is made where a run of
 # this budget would be made. The Hessian batch of the ablation is 1 micro-batch, a quarter of 4.
-# Time per run on one H100, estimated from the README's GPT-2 small measurement (442k tokens/s,
-# 2.3 us per token, at 855 MFLOP per token) scaled to this model (6N + 12*L*H*Q*T = 115 MFLOP per
+# Time per run on one H100, estimated from the GPT-2 small measurement in docs/throughput.md
+# (442k tokens/s, 2.3 us per token, at 855 MFLOP per token) scaled to this model (6N + 12*L*H*Q*T = 115 MFLOP per
 # token, 7.4x less), with a smaller model's lower efficiency allowed for: ~0.5 us per token, ~2M
 # tokens/s, so 262M tokens take ~130 s for AdamW and ~145 s for Sophia-G (its
 # Hessian pass adds 10%), plus ~1 minute to compile (Sophia-G has three graphs: training,
