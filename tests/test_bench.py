@@ -109,7 +109,7 @@ def test_mistakes_are_one_line(args, message):
 
 def test_bench_optimizer_times_every_candidate_and_its_floor():
     """bench_optimizer.py on small shapes: a row per implementation, optimizer and floor with a
-    median and a range over the runs, and the two ratio lines the README quotes."""
+    median and a range over the runs, and the two ratio lines docs/optimizer.md quotes."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench_optimizer.py'), '--device=cpu', '--runs=2',
                              '--repeats=2', '--n_layer=1', '--n_embd=32'], capture_output=True, text=True,
                             timeout=300, cwd=ROOT)

@@ -76,9 +76,10 @@ def hf_run(out_dir, steps=7, accumulation=1, resume=None, scaler=None, **args):
 
 
 def readme_loop(micro_batches, accumulation=1, autocast=None):
-    """The README's loop (The optimizer), its Hessian pass on the next step's first micro-batch
-    with the labels' generator and the clip the integration uses, and the Trainer's loss: each
-    micro-batch's summed cross-entropy over the step's label count (num_items_in_batch)."""
+    """The README's loop (Using Sophia-G in your own training code), its Hessian pass on the next
+    step's first micro-batch with the labels' generator and the clip the integration uses, and the
+    Trainer's loss: each micro-batch's summed cross-entropy over the step's label count
+    (num_items_in_batch)."""
     model = tiny_model()
     optimizer = sophia(model)
     autocast = autocast or torch.autocast("cpu", enabled=False)
