@@ -290,6 +290,12 @@ def test_state_dict_round_trip_through_torch_save(fused_cpu):
     resumed_opt = SophiaG(resumed.parameters())
     resumed_opt.load_state_dict(checkpoint["optimizer"])
     assert resumed_opt.param_groups[0]["lr"] == 0.01
+    # the bs of the last step travels: diagnostics() works before the resumed run's first step
+    assert {key: value.item() for key, value in resumed_opt.diagnostics().items()} == \
+        {key: value.item() for key, value in opt.diagnostics().items()}
+    official = {key: value for key, value in checkpoint["optimizer"].items() if key != "last_bs"}
+    resumed_opt.load_state_dict(official)  # the official class's state dicts have none: keep ours
+    assert resumed_opt.last_bs == opt.last_bs is not None
     train_steps(model, opt, 4, seed=2)
     train_steps(resumed, resumed_opt, 4, seed=2)
     for a, b in zip(model.parameters(), resumed.parameters()):

@@ -65,6 +65,9 @@ def triton_cpu(monkeypatch):
         monkeypatch.setattr(sophia, name, counted(getattr(sophia, name), name, launches))
     monkeypatch.setitem(sophia._kernels, 'cpu', triton)
     monkeypatch.setattr(interpreter, '_convert_float', convert_as_aten(interpreter._convert_float))
+    # each test builds the block maps of its launches anew, rather than finding those of an earlier
+    # test (or process) of the same sizes in the cache
+    monkeypatch.setattr(sophia, '_block_maps', {})
     return launches
 
 def counted(kernel, name, launches):
@@ -122,12 +125,16 @@ def test_launch_table_holds_every_tensor_of_the_launch(triton_cpu):
     addresses = [t.data_ptr() for tensors in lists for t in tensors]
     assert table.dtype == torch.int64
     assert table.tolist() == addresses + list(sizes) + [0, 0, 1, 2, 5, 5, 6]
-    assert block_to_tensor.tolist() == [1, 2, 3, 3, 3, 5]
+    assert block_to_tensor.tolist() == [1, 2, 3, 3, 3, 5] and block_to_tensor.dtype == torch.int32
     # the map is kept per list of sizes, the addresses are not: other tensors of the same sizes
     others = [[torch.empty(n) for n in sizes] for _ in range(2)]
     table, same_map = sophia._launch_table(torch.device('cpu'), others)
     assert same_map is block_to_tensor
     assert table.tolist()[:2 * len(sizes)] == [t.data_ptr() for tensors in others for t in tensors]
+    # and other sizes have a map of their own
+    _, other_map = sophia._launch_table(torch.device('cpu'), [[torch.empty(n) for n in (3, BLOCK + 2)]] * 2)
+    assert other_map.tolist() == [0, 1, 1]
+    assert sophia._launch_table(torch.device('cpu'), lists)[1] is block_to_tensor
 
 @pytest.mark.parametrize('maximize', [False, True])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
