@@ -1,25 +1,10 @@
 """
-Config for the training scripts, nanoGPT style: defaults, then config files, then overrides.
-
-    $ python train_sophiag.py config/train_gpt2_small_sophiag.py --batch_size=8 --compile=false
-
-Arguments are applied left to right. An argument without a leading "--" is a config file: plain
-Python, exec'd with the current config as its globals, so it can read earlier values
-(`lr_decay_iters = max_iters`). An argument "--key=value" overrides one key; the value is split at
-the first "=" only and read as a Python literal (`--learning_rate=6e-4`, `--dataset=openwebtext`
-without quotes also works for strings, `--compile=false` for booleans).
-
-Unlike nanoGPT's configurator this one is a module of plain functions, and every mistake is one
-line naming the key, where the value came from (file and line, or the argument) and what was
-expected: a config file assigning a name that is no config key (`learning_rat = 1e-3`), an
-unknown --key, a value of the wrong type, and combinations that cannot work (min_lr above
-learning_rate, warmup longer than the decay, gradient accumulation that the world size does not
-divide, ...). Config files may use names starting with an underscore as scratch variables.
-
-Config files written for the official Sophia scripts or for nanoGPT run unmodified: their keys that
-are no key here are translated or checked (`foreign`, see optimizers.Recipe.foreign_keys), and each
-translation is reported once. `--help` lists every key with its default and the comment beside it
-in the defaults' source (describe_defaults), grouped as the defaults are.
+Config for the training scripts, nanoGPT style: defaults, then the arguments left to right, a
+config file (plain Python exec'd over the config so far) or --key=value (read as a Python
+literal; strings need no quotes). Every mistake is one line naming the key, where its value came
+from and what was expected (docs/training.md). Keys of the official Sophia scripts' and nanoGPT's
+configs are translated or checked (`foreign`, optimizers.Recipe.foreign_keys). `--help` lists
+every key with its default and the comment beside it in the defaults' source (describe_defaults).
 """
 
 import ast
@@ -44,10 +29,8 @@ DATA_PARALLEL = ('ddp', 'fsdp', 'hsdp')
 # the keys
 
 def default_config():
-    """The config keys of every training script with their defaults: GPT-2 small (124M) on
-    OpenWebText with AdamW, as the official runs. Each optimizer's recipe (optimizers.py) adds its
-    own keys and changes what differs. The comment beside each key is what `--help` says of it
-    (describe_defaults)."""
+    """Every training script's keys: GPT-2 small (124M) on OpenWebText with AdamW, as the official
+    runs; each recipe (optimizers.py) adds its own. The comment beside a key is its --help text."""
     # I/O
     out_dir = 'out'  # checkpoints, metrics.jsonl (the local log compare.py reads) and config go here
     eval_interval = 1000  # estimate train and val loss every this many iterations
@@ -137,15 +120,18 @@ def coerce(key, value, default, source):
                           f"got {type_name(value)}")
     return value
 
+def read_literal(text):
+    """A --key=value text as a Python literal, or as the plain string when it is none."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
 def parse_value(key, text, default, source):
     """Turn the text after --key= into a value of the key's type."""
-    if isinstance(default, str):
-        # strings need no quotes on the command line; quoted ones are unquoted
-        try:
-            value = ast.literal_eval(text)
-            return value if isinstance(value, str) else text
-        except (ValueError, SyntaxError):
-            return text
+    if isinstance(default, str):  # strings need no quotes on the command line; quoted are unquoted
+        value = read_literal(text)
+        return value if isinstance(value, str) else text
     if isinstance(default, bool) and text.lower() in ('true', 'false'):
         return text.lower() == 'true'
     try:
@@ -169,13 +155,6 @@ def assigned_names(tree):
         if not isinstance(statement, (ast.Import, ast.ImportFrom)):
             visit(statement)
     return found
-
-def read_literal(text):
-    """A --key=value text as a Python literal, or as the plain string when it is none."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 def apply_foreign(config, sources, notes, foreign, name, value, source):
     """A key of another repository's configs: its handler returns the (key, value) pairs it means
@@ -233,10 +212,9 @@ def apply_override(config, sources, arg, foreign, notes):
     sources[key] = f"argument {arg}"
 
 def parse_args(defaults, argv, foreign=None, notes=None):
-    """Defaults, then each argument in order. Returns (config, sources): the resolved values and,
-    for each key, where its value came from ('default', 'file:line' or 'argument --key=value').
-    `foreign` maps keys of other repositories' configs to handlers (apply_foreign); what they did
-    is appended to `notes`."""
+    """Defaults, then each argument in order. Returns (config, sources): the values and where each
+    came from ('default', 'file:line' or 'argument --key=value'). `foreign`: handlers of other
+    repositories' keys (apply_foreign), which append what they did to `notes`."""
     for key, value in defaults.items():
         assert value is not None and type(value) in (bool, int, float, str), \
             f"default of {key} must be a bool, int, float or str"
@@ -254,18 +232,14 @@ def parse_args(defaults, argv, foreign=None, notes=None):
 # -----------------------------------------------------------------------------
 # batch arithmetic
 
+# per iteration: micro_steps micro-batches per process, sequences over all processes
 BatchPlan = namedtuple('BatchPlan', 'micro_steps sequences')
-BatchPlan.__doc__ = """Per iteration: micro_steps micro-batches per process, sequences over all processes."""
 
 def batch_plan(config, sources, world_size):
-    """The batch arithmetic of the official Sophia scripts: gradient_accumulation_steps counts the
-    micro-batches of *one* process, and processes x batch_size x gradient_accumulation_steps
-    sequences make one iteration. total_bs is that product, the sequences per iteration over all
-    processes (480 in the official GPT-2 runs). With gradient_accumulation_steps = 0 it is derived
-    from total_bs, so one config trains the same global batch on any number of processes; with
-    both set explicitly the product must equal total_bs."""
-    def show(key):
-        return f"{key}={config[key]!r} ({sources.get(key, 'default')})"
+    """The official Sophia scripts' arithmetic: processes x batch_size x gradient_accumulation_steps
+    (one process's micro-batches) = total_bs sequences per iteration. gradient_accumulation_steps=0
+    derives it from total_bs, so one config trains the same batch on any number of processes."""
+    show = Checks(config, sources).show
     batch, accumulation, total = config['batch_size'], config['gradient_accumulation_steps'], config['total_bs']
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     if accumulation == 0:
@@ -295,8 +269,8 @@ def split_advice(total, batch, world_size):
     return f"use a batch_size that divides {per_process} (e.g. {', '.join(map(str, near))})"
 
 class Checks:
-    """The checks of one config, each raising ConfigError with one line that names the key, its
-    value and where the value came from: check_config's, and an optimizer's own (optimizers.py)."""
+    """Checks of one config (check_config's, and a recipe's own), each failing with one line that
+    names the key, its value and where the value came from."""
 
     def __init__(self, config, sources):
         self.config, self.sources = config, sources
@@ -328,10 +302,9 @@ class Checks:
             self.fail(f"{self.show(key)}: expected one of {', '.join(allowed)}")
 
 def check_config(config, sources, world_size=1, local_world_size=None, recipe=None):
-    """Reject values and combinations that cannot work. `world_size` is the number of processes
-    (torchrun's WORLD_SIZE), which the batch arithmetic needs (batch_plan); `local_world_size`
-    those on one node (LOCAL_WORLD_SIZE), the default shard group of HSDP; `recipe` the
-    optimizer's (optimizers.py), which checks its own keys."""
+    """Reject values and combinations that cannot work. `world_size` and `local_world_size` are
+    torchrun's (the batch arithmetic and HSDP's default shard group need them); `recipe` checks
+    its own keys."""
     checks = Checks(config, sources)
     show, fail, positive, non_negative, one_of = (checks.show, checks.fail, checks.positive,
                                                   checks.non_negative, checks.one_of)
@@ -369,25 +342,22 @@ def check_config(config, sources, world_size=1, local_world_size=None, recipe=No
             and not (init_from.endswith('.pt') and os.path.isfile(init_from)):
         fail(f"{show('init_from')}: expected scratch, resume, one of {', '.join(PRETRAINED)}, "
              f"a local Hugging Face model directory, or a checkpoint (a .pt file or a sharded run's .dcp folder)")
-    if 'backend' in config:
-        one_of('backend', ('auto', 'nccl', 'gloo'))
-        if config['backend'] == 'nccl' and not device.startswith('cuda'):
-            fail(f"{show('backend')} needs CUDA devices but {show('device')}; use --backend=gloo "
-                 f"or --backend=auto (nccl on CUDA, gloo otherwise)")
-    if 'data_parallel' in config:
-        one_of('data_parallel', DATA_PARALLEL)
-        one_of('reshard_after_forward', ('auto', 'true', 'false'))
-        non_negative('shard_group_size')
-        sharded = config['data_parallel'] != 'ddp'
-        if sharded and device == 'mps':
-            fail(f"{show('data_parallel')} cannot run on {show('device')}: FSDP needs the gloo (CPU) or nccl "
-                 f"(CUDA) backend; use --device=cpu or cuda, or --data_parallel=ddp")
-        if config['data_parallel'] == 'hsdp':
-            shard = config['shard_group_size'] or (local_world_size or world_size)
-            if world_size % shard:
-                fail(f"{show('data_parallel')}: shard groups of {shard} processes "
-                     f"({show('shard_group_size') if config['shard_group_size'] else 'the processes of a node'}) "
-                     f"do not divide the {world_size} processes; set --shard_group_size to a divisor of {world_size}")
+    one_of('backend', ('auto', 'nccl', 'gloo'))
+    if config['backend'] == 'nccl' and not device.startswith('cuda'):
+        fail(f"{show('backend')} needs CUDA devices but {show('device')}; use --backend=gloo "
+             f"or --backend=auto (nccl on CUDA, gloo otherwise)")
+    one_of('data_parallel', DATA_PARALLEL)
+    one_of('reshard_after_forward', ('auto', 'true', 'false'))
+    non_negative('shard_group_size')
+    if config['data_parallel'] != 'ddp' and device == 'mps':
+        fail(f"{show('data_parallel')} cannot run on {show('device')}: FSDP needs the gloo (CPU) or nccl "
+             f"(CUDA) backend; use --device=cpu or cuda, or --data_parallel=ddp")
+    if config['data_parallel'] == 'hsdp':
+        shard = config['shard_group_size'] or (local_world_size or world_size)
+        if world_size % shard:
+            fail(f"{show('data_parallel')}: shard groups of {shard} processes "
+                 f"({show('shard_group_size') if config['shard_group_size'] else 'the processes of a node'}) "
+                 f"do not divide the {world_size} processes; set --shard_group_size to a divisor of {world_size}")
     if recipe is not None:  # the optimizer's own keys, and what it cannot do
         recipe.check(config, checks, world_size)
     batch_plan(config, sources, world_size)  # raises on batch arithmetic that cannot work
@@ -396,8 +366,7 @@ def fit_schedule(config, sources):
     """A schedule that fits the run: lr_decay_iters left at its default follows max_iters (a run
     shortened with --max_iters decays fully); one set explicitly beyond max_iters, or a warmup
     longer than the run, is kept as given and said in a note. Returns the notes."""
-    def show(key):
-        return f"{key}={config[key]!r} ({sources.get(key, 'default')})"
+    show = Checks(config, sources).show
     if not config['decay_lr']:
         return []
     notes = []
@@ -429,20 +398,18 @@ def format_config(config, sources):
 # --help
 
 def describe_defaults(*functions):
-    """What the comments in the source of the defaults functions say: a list of ('group', title)
-    and ('key', name, meaning) entries in source order. A comment line of its own starts a group
-    (`# I/O`); a line that assigns a key (`name = value  # meaning`, or `name=value,  # meaning`
-    inside a dict update) gives that key's meaning. A key described by several functions keeps
-    its first place and takes the last meaning given (a script's own reading of a shared key)."""
+    """The comments in the defaults functions' source as ('group', title) and ('key', name, meaning)
+    entries in source order: a comment line of its own starts a group, the comment beside a
+    `name = value` (or `name=value,`) gives its meaning. A key described twice keeps its first
+    place and takes the last meaning (a script's own reading of a shared key)."""
     entries, seen = [], {}
     for function in functions:
         source = inspect.getsource(function)
-        lines = source.splitlines()
         comments = {}
         for token in tokenize.generate_tokens(io.StringIO(source).readline):
             if token.type == tokenize.COMMENT:
                 comments[token.start[0]] = token.string.lstrip('#').strip()
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(source.splitlines(), 1):
             stripped = line.strip()
             if stripped.startswith('#'):
                 entries.append(('group', comments[number]))
