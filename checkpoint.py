@@ -1,24 +1,13 @@
 """
 Checkpoints that survive crashes: atomic writes, a checksum, rotation, and fallback on resume.
 
-A checkpoint is two files in out_dir: `ckpt-<iter>.pt` (torch.save of a dict of tensors and plain
-values, loadable with torch.load(weights_only=True)) and `ckpt-<iter>.json`, holding the format
-version, the iteration, the byte count and the sha256 of the .pt. Each file is written to a
-temporary name, flushed and fsync'd, then renamed over its final name (the .json first, the .pt
-last), and the folder is fsync'd: a crash at any moment (kill -9, power loss) leaves either the old
-files or the new ones, never a half-written file under a final name. A .pt without its .json, or
-whose bytes do not match it, is not trusted. The newest `keep_last` checkpoints are kept, plus `best.pt`/`best.json`,
-a hard link to the checkpoint with the lowest val loss so far.
-
-A sharded run (FSDP, HSDP) writes a folder `ckpt-<iter>.dcp` instead of the .pt: the model and
-optimizer state as torch.distributed.checkpoint writes them, every process its own shards
-(`__<rank>_<n>.distcp`, `.metadata`), and `meta.pt` with everything else (iteration, config, RNG
-states, GradScaler). The same rules hold: it is written under a temporary name, its manifest
-`ckpt-<iter>.json` lists every file with its size and sha256 and is written before the folder
-takes its final name, a folder that does not match its manifest is not trusted, and `best.dcp`
-holds hard links to the best one's files. Such a checkpoint loads into any number of processes,
-sharded or not (the trainer), and consolidates into whole tensors for sample.py and export_hf.py
-(load_checkpoint).
+A checkpoint is `ckpt-<iter>.pt` (torch.save, loadable with weights_only=True) and its manifest
+`ckpt-<iter>.json` (format version, iteration, bytes, sha256). Each file is written to a temporary
+name, fsync'd and renamed into place, the .json first and the .pt last: a crash at any moment
+leaves the old files or the new ones, and a .pt that does not match its .json is not trusted.
+The newest `keep_last` are kept, plus `best.pt`, a hard link to the one with the lowest val loss.
+A sharded run (FSDP, HSDP) writes a folder `ckpt-<iter>.dcp` instead (torch.distributed.checkpoint's
+shards, and meta.pt with everything else) under the same rules, its manifest listing every file.
 """
 
 import errno
@@ -186,8 +175,7 @@ def list_checkpoints(out_dir):
     return sorted(found, reverse=True)
 
 def checkpoint_path(out_dir, name):
-    """The checkpoint called `name` ('ckpt-<iter>' or 'best'): its .dcp folder if a sharded run
-    wrote one, else its .pt file."""
+    """Checkpoint `name` ('ckpt-<iter>', 'best'): the .dcp folder of a sharded run, or the .pt."""
     path = os.path.join(out_dir, name)
     return path + '.dcp' if os.path.isdir(path + '.dcp') else path + '.pt'
 
@@ -218,8 +206,7 @@ def file_digest(path):
     return os.path.getsize(path), sha256.hexdigest()
 
 def verify(pt_path):
-    """Check a checkpoint file, or a sharded checkpoint's folder, against its manifest; return the
-    manifest."""
+    """Check a checkpoint (a .pt file or a sharded one's folder) against its manifest; return it."""
     json_path = manifest_of(pt_path)
     if not os.path.exists(json_path):
         raise CheckpointError(f"{pt_path} has no {os.path.basename(json_path)}: it was never completed")
@@ -258,35 +245,30 @@ def verify(pt_path):
 
 def load_checkpoint(pt_path, map_location='cpu', model_tensors=True):
     """Verify and load one checkpoint. A sharded one gives its meta.pt with `sharded` set to its
-    folder, for the trainer to load the shards into its model and optimizer, and with
-    `model_tensors` its model state consolidated into whole tensors (no optimizer state)."""
+    folder (the trainer loads the shards), with `model_tensors` also its model as whole tensors."""
     try:
         verify(pt_path)
     except OSError as e:
         raise unreadable(pt_path, e)
     if os.path.isdir(pt_path):
         return load_sharded_meta(pt_path, map_location, model_tensors)
+    return load_pt(pt_path, map_location)
+
+def load_pt(path, map_location, checkpoint=None):
+    """torch.load a checkpoint's .pt, or the meta.pt of the sharded one in folder `checkpoint`."""
     try:
-        state = torch.load(pt_path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except OSError as e:
-        raise unreadable(pt_path, e)
+        raise unreadable(path, e)
     except Exception as e:
-        raise CheckpointError(f"{pt_path} cannot be loaded: {type(e).__name__}: {e}")
+        raise CheckpointError(f"{path} cannot be loaded: {type(e).__name__}: {e}")
     if state.get('format_version') != FORMAT_VERSION:
-        raise CheckpointError(f"{pt_path} has format version {state.get('format_version')}, "
-                              f"this code reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{checkpoint or path} has format version "
+                              f"{state.get('format_version')}, this code reads {FORMAT_VERSION}")
     return state
 
 def load_sharded_meta(path, map_location, model_tensors):
-    try:
-        state = torch.load(os.path.join(path, 'meta.pt'), map_location=map_location, weights_only=True)
-    except OSError as e:
-        raise unreadable(os.path.join(path, 'meta.pt'), e)
-    except Exception as e:
-        raise CheckpointError(f"{path}/meta.pt cannot be loaded: {type(e).__name__}: {e}")
-    if state.get('format_version') != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {state.get('format_version')}, "
-                              f"this code reads {FORMAT_VERSION}")
+    state = load_pt(os.path.join(path, 'meta.pt'), map_location, checkpoint=path)
     state['sharded'] = path
     if model_tensors:
         # torch's reader of a whole DCP checkpoint into one process (no process group needed)
@@ -303,13 +285,10 @@ def in_one_process(read, *args, **kwargs):
         return read(*args, **kwargs)
 
 def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model_tensors=True):
-    """The newest checkpoint in out_dir that verifies and loads, falling back past damaged ones.
-    With `quarantine` (one process only), a damaged checkpoint is renamed to *.pt.damaged, kept for
-    inspection but no longer counted as a checkpoint, and the temporary files of writes that a
-    crash cut short are deleted. Only a failed verification or unpickling counts as damage: a
-    checkpoint that cannot be read (CheckpointUnreadable) stops the search, nothing renamed.
-    Returns (state, path), or (None, None) when out_dir holds no checkpoint at all. Raises
-    CheckpointError when none is usable."""
+    """The newest checkpoint in out_dir that verifies and loads, falling back past damaged ones:
+    (state, path), (None, None) without any, CheckpointError when none is usable. With `quarantine`
+    (one process only) a damaged one is renamed *.damaged and a cut-short write's files deleted.
+    One that cannot be read (CheckpointUnreadable) is not damaged: it stops the search."""
     problems = []
     if quarantine and os.path.isdir(out_dir):
         names = set(os.listdir(out_dir))
@@ -343,20 +322,15 @@ def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model
     return None, None
 
 def save_sharded(out_dir, tensors, meta, iter_num, keep_last, is_best, rank, world_size):
-    """Write the checkpoint of iteration `iter_num` of a sharded run; a collective, every process
-    calls it. `tensors` ({'model': ..., 'optimizer': ...}, state dicts of DTensors) go through
-    torch.distributed.checkpoint, each process writing its shards into a temporary folder;
-    process 0 adds `meta`; each process hashes the files it wrote, process 0 writes the manifest
-    from all of them, then gives the folder its final name, links it as best.dcp if `is_best`
-    and rotates. Returns the folder's path. A full disk on any process raises DiskFull on every
-    process, the temporary folder deleted and the earlier checkpoints as they were."""
+    """Write the checkpoint of iteration `iter_num` of a sharded run, a collective: every process
+    writes its shards of `tensors` ({'model': ..., 'optimizer': ...}) into a temporary folder and
+    hashes them, process 0 adds `meta` and publishes the folder (publish_sharded). Returns its
+    path. A full disk on any process raises DiskFull on every process, nothing left behind."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from distributed import from_process_0
     final = os.path.join(out_dir, f"ckpt-{iter_num:08d}.dcp")
-    tmp = [f"{final}.tmp{os.getpid()}"]  # process 0's name, for all
-    if world_size > 1:
-        dist.broadcast_object_list(tmp, src=0)
-    tmp = tmp[0]
+    tmp = from_process_0(f"{final}.tmp{os.getpid()}", world_size)  # process 0's name, for all
     digests = None  # stays None where this process's part could not be written for want of space
     try:
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
@@ -385,10 +359,7 @@ def save_sharded(out_dir, tensors, meta, iter_num, keep_last, is_best, rank, wor
             if not disk_full(e):
                 raise
             full = True
-    if world_size > 1:  # every process learns whether the checkpoint is there
-        box = [full]
-        dist.broadcast_object_list(box, src=0)
-        full = box[0]
+    full = from_process_0(full, world_size)  # every process learns whether the checkpoint is there
     if full:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
