@@ -1,23 +1,13 @@
 """
-The training loop of train_adam.py, train_sophiag.py and train_muon.py, written once so they
-cannot drift apart. It names no optimizer: what differs between them is each one's recipe
-(optimizers.py). Plain functions with explicit arguments; importing this module does nothing.
+The training loop of train_adam.py, train_sophiag.py and train_muon.py, written once. It names no
+optimizer: what differs between them is each one's recipe (optimizers.py).
 
-An iteration: each process runs gradient_accumulation_steps micro-batches of batch_size sequences
-(forward_backward; processes x batch_size x gradient_accumulation_steps = total_bs sequences in
-all, configurator.batch_plan), the gradient is unscaled and clipped, every process agrees on
-skipping a non-finite step and on stopping (clip_and_step), the optimizer steps, then the recipe's
-extra pass runs where due (a Hessian pass, say). Evaluations and checkpoints happen at the top of
-an iteration. `train` reads top to bottom; bench.py times the same pieces.
-
-The rooms around it:
-    configurator.py  the config keys and their defaults, config files, --key=value, checks, --help
-    optimizers.py    each optimizer's recipe: keys, parameter groups, step, extra pass, logs
-    batches.py       the token files and the order the batches are drawn in
-    resume.py        where a run starts: out_dir, our checkpoints and other repositories'
-    distributed.py   process groups, FSDP sharding, signals, failures of peers
-    metrics.py       the printed lines and metrics.jsonl (and wandb)
-    checkpoint.py    checkpoint files that survive crashes
+An iteration: each process runs its micro-batches (forward_backward), the gradient is unscaled and
+clipped, every process agrees on skipping a non-finite step and on stopping (clip_and_step), the
+optimizer steps, then the recipe's extra pass runs where due. Evaluations and checkpoints happen at
+the top of an iteration. `train` reads top to bottom; bench.py times the same pieces. Around it:
+configurator.py (config), batches.py (data), resume.py (where a run starts), distributed.py
+(processes, FSDP, signals), metrics.py (logs), checkpoint.py (crash-safe files).
 """
 
 import math
@@ -76,8 +66,7 @@ class Run:
 
     @property
     def sharded(self):
-        """FSDP or HSDP: parameters, gradients and optimizer state are DTensors, each process
-        holding shards."""
+        """FSDP or HSDP: parameters, gradients and optimizer state are sharded DTensors."""
         return self.config['data_parallel'] != 'ddp'
 
     @property
@@ -105,8 +94,8 @@ class RunState:
 
     @classmethod
     def continuing(cls, start_state, path):
-        """The state a checkpoint continues from; one of the official scripts or nanoGPT holds only
-        the iteration and the best val loss."""
+        """The state a checkpoint continues from (the official scripts' and nanoGPT's hold only the
+        iteration and the best val loss)."""
         state = cls(checkpoint=path)
         for key in cls.SAVED:
             if key in start_state:
@@ -145,9 +134,9 @@ def forward_loss(model, X, Y, autocast):
     return loss
 
 def forward_backward(run, first):
-    """Forward and backward over this process's micro-batches of an iteration whose global sequences
-    start at `first`. Returns the mean loss of those micro-batches, a 0-dim device tensor (no host
-    sync); the gradients, scaled by the GradScaler, are averaged over the processes."""
+    """Forward and backward over this process's micro-batches of the iteration whose global
+    sequences start at `first`: the gradients (scaled by the GradScaler) averaged over the
+    processes, and their mean loss returned as a 0-dim device tensor (no host sync)."""
     steps, batch_size = run.plan.micro_steps, run.config['batch_size']
     start = first + run.rank * steps * batch_size
     total = torch.zeros((), device=run.device)
@@ -160,11 +149,9 @@ def forward_backward(run, first):
     return total
 
 def agree_on_flags(run, nonfinite, stop_requested):
-    """One small all-reduce and one host sync per iteration: every process learns whether any of
-    them saw a non-finite loss or gradient (then all skip the step) or got a stop signal (then all
-    stop after this iteration). `stop_requested` is the number of the signal this process got, 0
-    for none. Returns (nonfinite, stop), the same on every process: stop is a signal's number (the
-    highest any process got), 0 for none."""
+    """One small all-reduce and one host sync per iteration. Returns (nonfinite, stop), the same on
+    every process: whether any saw a non-finite loss or gradient, and the highest signal number
+    any got (`stop_requested`, 0 for none)."""
     run.flags[0] = nonfinite  # written in place: no new tensor or host-to-device copy per iteration
     run.flags[1] = float(stop_requested)
     if run.world_size > 1:
@@ -173,9 +160,9 @@ def agree_on_flags(run, nonfinite, stop_requested):
     return bool(nonfinite), int(stop)
 
 def clip_and_step(run, loss, stop_requested):
-    """Unscale and clip the gradient, agree with the other processes (agree_on_flags), then step
-    the optimizer, or skip the step where any process saw a non-finite loss or gradient: parameters
-    and optimizer state stay untouched. Returns (stepped, stop, grad_norm)."""
+    """Unscale and clip the gradient, agree with the other processes (agree_on_flags), then step,
+    or skip the step (parameters and optimizer state untouched) where any saw a non-finite loss or
+    gradient. Returns (stepped, stop, grad_norm)."""
     scaler, optimizer = run.scaler, run.optimizer
     scaler.unscale_(optimizer)
     grad_norm = whole(torch.nn.utils.clip_grad_norm_(run.params, run.config['grad_clip'] or math.inf))
@@ -191,9 +178,8 @@ def clip_and_step(run, loss, stop_requested):
 
 @torch.no_grad()
 def estimate_loss(run):
-    """Mean loss over the same `eval_iters` batches of each split every time (split across the
-    processes), so successive estimates and different runs, whatever their seed, are measured on
-    identical data. Sharded (FSDP, whose forward gathers parameters from all processes), every
+    """Mean loss over the same `eval_iters` batches of each split every time, whatever the run's
+    seed, split across the processes. Sharded (FSDP's forward gathers from every process), every
     process runs as many forwards, the last ones uncounted where eval_iters does not split."""
     out, config, world_size = {}, run.config, run.world_size
     run.model.eval()
@@ -213,8 +199,7 @@ def estimate_loss(run):
     return out
 
 def score_hellaswag(run):
-    """HellaSwag accuracy of the model, each process scoring its share of the items (hellaswag.py):
-    {'hellaswag/acc_norm': ..., 'hellaswag/acc': ..., 'hellaswag/items': ...}."""
+    """HellaSwag accuracy (hellaswag.py), each process scoring its share of the items."""
     items = run.hellaswag
     if run.sharded:  # FSDP's forward gathers from every process: each runs as many
         items = items[:len(items) // run.world_size * run.world_size]
@@ -229,8 +214,7 @@ def score_hellaswag(run):
             'hellaswag/items': int(scored)}
 
 def evaluate(run, state, log):
-    """Estimate train and val loss (and score HellaSwag where asked), log them with how long it
-    took; returns whether val improved."""
+    """Estimate the losses (and HellaSwag where asked), log them; return whether val improved."""
     started = time.time()
     losses = estimate_loss(run)
     scores = score_hellaswag(run) if run.hellaswag else {}
@@ -247,32 +231,28 @@ def evaluate(run, state, log):
     return is_best
 
 def save(run, state, model_args, is_best):
-    """Write a checkpoint of the run as it is now (process 0 writes; every process takes part in
-    gathering the RNG states)."""
+    """Write a checkpoint of the run as it is now; every process takes part."""
     started = time.time()
     rng = distributed.gather_rng_states(run.world_size, run.device)  # a collective: every process takes part
     meta = dict(format_version=checkpoint.FORMAT_VERSION, scaler=run.scaler.state_dict(), model_args=model_args,
                 config=run.config, optimizer_name=run.recipe.name, rng=rng,
                 **{key: getattr(state, key) for key in RunState.SAVED})
     full = None  # a full disk stops every process with process 0's line
-    if run.sharded:  # every process writes its shards
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        model_state, optimizer_state = get_state_dict(run.raw_model, run.optimizer)
-        try:
+    try:
+        if run.sharded:  # every process writes its shards (and gets DiskFull)
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            model_state, optimizer_state = get_state_dict(run.raw_model, run.optimizer)
             state.checkpoint = checkpoint.save_sharded(
                 run.config['out_dir'], {'model': model_state, 'optimizer': optimizer_state}, meta,
                 state.iter_num, run.config['keep_last'], is_best, run.rank, run.world_size)
-        except checkpoint.DiskFull as e:  # on every process
-            full = str(e)
-    else:
-        if run.rank == 0:
-            try:
-                state.checkpoint = checkpoint.save_checkpoint(
-                    run.config['out_dir'], dict(meta, model=run.raw_model.state_dict(),
-                                                optimizer=run.optimizer.state_dict()),
-                    state.iter_num, run.config['keep_last'], is_best)
-            except checkpoint.DiskFull as e:
-                full = str(e)
+        elif run.rank == 0:
+            state.checkpoint = checkpoint.save_checkpoint(
+                run.config['out_dir'], dict(meta, model=run.raw_model.state_dict(),
+                                            optimizer=run.optimizer.state_dict()),
+                state.iter_num, run.config['keep_last'], is_best)
+    except checkpoint.DiskFull as e:
+        full = str(e)
+    if not run.sharded:
         full = distributed.from_process_0(full, run.world_size)
     if full:
         raise UserError(full)
@@ -294,8 +274,7 @@ def nonfinite_step(run, state):
                f"--init_from=resume (from scratch, this attempt's log kept)"), 1)
 
 def stop_run(run, state, signum):
-    """The stop every process agreed on, for signal `signum`: the checkpoint is written; wait for
-    it, then exit with 128 + signum on every process."""
+    """The stop agreed on for signal `signum`, once the checkpoint is written: exit 128 + signum."""
     if run.world_size > 1:
         # wait for process 0 to finish writing the checkpoint: once one process exits with an
         # error status torchrun gives the others only its shutdown timeout (30 s)
@@ -308,10 +287,8 @@ def stop_run(run, state, signum):
 
 def setup(recipe_class, config, sources, plan, rank, world_size, local_world_size, device, lock):
     """The run's fixed parts and where it starts: out_dir checked and locked (`lock`, a
-    resume.OutDirLock), the data opened, the model built or continued, the optimizer (with its
-    state when continuing), the model compiled and wrapped.
-    Returns (run, state, model_args, exact): `exact` when the start is a checkpoint of ours, which
-    carries the data position and RNG states, so the run continues as if never stopped."""
+    resume.OutDirLock), the data opened, the model and optimizer built or continued, the model
+    compiled and wrapped. Returns (run, state, model_args, exact), `exact` as resume.restore's."""
     master = rank == 0
     resume.prepare_out_dir(config['out_dir'], config['init_from'] == 'resume', master)
     if world_size > 1:
@@ -453,9 +430,8 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
         wandb_run.finish()
 
 def main(recipe_class, argv, usage=''):
-    """Entry point of the training scripts: config, setup, train, for the optimizer of
-    `recipe_class` (optimizers.py); errors a user can fix are one line and exit status 2. `usage`
-    heads --help, which lists every key with the comment beside its default."""
+    """Entry point of the training scripts, for the optimizer of `recipe_class`: errors a user can
+    fix are one line and exit status 2. `usage` heads --help."""
     defaults, foreign = recipe_class.defaults(), recipe_class.foreign_keys()
     if wants_help(argv):
         print(format_help(usage, defaults, describe_defaults(default_config, recipe_class.own_defaults))
