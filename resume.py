@@ -1,10 +1,8 @@
 """
-Where a run starts: a fresh out_dir, or the checkpoint it continues. Resuming one of this
-repository's checkpoints (checkpoint.py) is exact: model, optimizer, GradScaler, every process's
-RNG states and the data position carry over, so the run goes on as if never stopped, on any
-number of processes, sharded or not. Checkpoints of the official Sophia scripts and of nanoGPT
-are translated: their model, optimizer state (mapped from their parameter-group layout),
-iteration and best val loss carry over.
+Where a run starts: a fresh out_dir, or the checkpoint it continues. One of ours continues exactly
+(model, optimizer, GradScaler, RNG states, data position), on any number of processes, sharded or
+not; one of the official Sophia scripts or nanoGPT is translated (model, optimizer state, iteration
+and best val loss).
 """
 
 import math
@@ -25,22 +23,17 @@ SHAPE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias',
 
 class OutDirLock:
     """One run per out_dir: process 0 takes an exclusive flock on out_dir/run.lock and writes its
-    host and pid into it, then holds it shared with the job's other processes, so the lock stays
-    while any of them lives. The operating system releases it when they die, so a crash never
-    leaves a stale lock (the file stays, unlocked, until the next run takes it). A run that ends
-    removes the file."""
-
-    NAME = 'run.lock'
+    host and pid into it, then holds it shared with the job's other processes. The system releases
+    it when they all die, so a crash never leaves a stale lock; a run that ends removes the file."""
 
     def __init__(self):
         self.file = None
 
     def acquire(self, out_dir, rank, world_size):
-        """Every process of the job calls it; all raise UserError naming the holder if another run
-        holds the lock."""
+        """Every process calls it; all raise UserError naming the holder if another run holds it."""
         import fcntl
         import socket
-        path = os.path.join(out_dir, self.NAME)
+        path = os.path.join(out_dir, 'run.lock')
         holder = None
         if rank == 0:
             def held_by_another(f):
@@ -105,11 +98,8 @@ def prepare_out_dir(out_dir, resuming, master):
             raise UserError(f"out_dir={out_dir!r} already holds a run ({held[0]}); continue it with "
                             f"--init_from=resume, or choose another --out_dir")
 
-LOG = 'metrics.jsonl'
-
 def earlier_logs(out_dir):
-    """The logs of earlier attempts in out_dir: metrics.jsonl, and those set aside as
-    metrics-<n>.jsonl by starts over (set_log_aside)."""
+    """Earlier attempts' logs: metrics.jsonl and the metrics-<n>.jsonl set aside (set_log_aside)."""
     if not os.path.isdir(out_dir):
         return []
     return sorted(name for name in os.listdir(out_dir)
@@ -117,23 +107,21 @@ def earlier_logs(out_dir):
 
 def set_log_aside(out_dir):
     """An attempt that stopped before its first checkpoint left only its log: keep it under the
-    next free name metrics-<n>.jsonl, so the run that starts over logs from iteration 0 alone in
-    metrics.jsonl (what compare.py reads). Returns the new name, None when there was no log."""
-    if not os.path.exists(os.path.join(out_dir, LOG)):
+    next free name metrics-<n>.jsonl, so the run that starts over has metrics.jsonl (what compare.py
+    reads) to itself. Returns the new name, None when there was no log."""
+    log = os.path.join(out_dir, 'metrics.jsonl')
+    if not os.path.exists(log):
         return None
     n = 1
     while os.path.exists(os.path.join(out_dir, f'metrics-{n}.jsonl')):
         n += 1
-    os.replace(os.path.join(out_dir, LOG), os.path.join(out_dir, f'metrics-{n}.jsonl'))
+    os.replace(log, os.path.join(out_dir, f'metrics-{n}.jsonl'))
     return f'metrics-{n}.jsonl'
 
 def load_start(config, recipe, master, device):
-    """The checkpoint a run continues: with init_from='resume' the newest good one in out_dir, with
-    init_from a .pt file or a sharded run's .dcp folder that one (read_checkpoint_file). Returns
-    (state, path), (None, None) for a new model, also when resuming an out_dir whose earlier
-    attempt stopped before its first checkpoint (a log but no checkpoint). The state is in this
-    repository's checkpoint format (see save); a sharded one's tensors are loaded later, into the
-    built model (setup)."""
+    """The checkpoint a run continues, in our format: with init_from='resume' the newest good one
+    in out_dir, else the .pt file or .dcp folder init_from names. Returns (state, path), or (None,
+    None) for a new model, also for an out_dir whose earlier attempt left only a log."""
     init_from = config['init_from']
     if init_from == 'resume':
         try:
@@ -165,11 +153,9 @@ def load_start(config, recipe, master, device):
     return state, path
 
 def read_checkpoint_file(path, device):
-    """A checkpoint file to continue: one of ours (verified against its manifest where it has one),
-    or one written by the official Sophia scripts or nanoGPT, translated: the model state without
-    torch.compile's '_orig_mod.' prefixes and causal-mask buffers, model_args completed with the
-    keys those scripts lack, the optimizer state (its layout is mapped in setup, see
-    foreign_optimizer_state), the iteration and the best val loss. `foreign` names the writer."""
+    """A checkpoint file to continue: one of ours, or one of the official Sophia scripts or nanoGPT
+    translated into our format, with `foreign` naming its writer (its optimizer state's layout is
+    mapped later, foreign_optimizer_state)."""
     if os.path.exists(checkpoint.manifest_of(path)) or os.path.isdir(path):
         try:
             return checkpoint.load_checkpoint(path, map_location=device, model_tensors=False)
@@ -224,9 +210,8 @@ def adopt_model_args(config, sources, model_args, path):
             config[key], sources[key] = saved[key], f"the checkpoint {path}"
 
 def build_model(config, dataset_vocab, start_state):
-    """A GPT from scratch, from a checkpoint's model args and weights, or from pretrained GPT-2
-    weights, for a dataset of vocabulary dataset_vocab (None: no meta.pkl). Returns (model,
-    model_args)."""
+    """A GPT from scratch, from a checkpoint or from pretrained GPT-2 weights, for a dataset of
+    vocabulary dataset_vocab (None: no meta.pkl). Returns (model, model_args)."""
     model_args = {key: config[key] for key in MODEL_KEYS if key != 'vocab_size'}
     model_args['vocab_size'] = model_vocab_size(dataset_vocab)
     if start_state is not None:
@@ -248,14 +233,10 @@ def build_model(config, dataset_vocab, start_state):
     return model, model_args
 
 def foreign_optimizer_state(saved, model, path, groups):
-    """An optimizer state dict of the official Sophia scripts or nanoGPT, keyed by parameter name
-    (named_optimizer_state's form), and which layout it had ('ours' or 'official'). Its
-    per-parameter state follows the order of its param groups: either ours, `groups` (the
-    recipe's parameter_groups; nanoGPT's since 2023: named_parameters order, matrices and
-    embeddings in the first group), or the official scripts' (names sorted, Linear weights in the
-    first group; biases, LayerNorm and embedding weights in the second), told apart by the
-    groups' sizes and shapes. Its param groups' hyperparameters
-    are not kept: this run's config sets them."""
+    """An optimizer state dict of the official Sophia scripts or nanoGPT keyed by parameter name
+    (named_optimizer_state's form, hyperparameters left to this run's config), and its layout,
+    told apart by the groups' sizes and shapes: 'ours' (`groups`, the recipe's; nanoGPT's since
+    2023) or 'official' (names sorted; Linear weights first, then the rest)."""
     params = dict(model.named_parameters())  # the tied lm_head weight appears once, as wte's
     names = list(params)
     linear = sorted(n for n in names if n.endswith(('.c_attn.weight', '.c_proj.weight', '.c_fc.weight')))
@@ -276,17 +257,15 @@ def foreign_optimizer_state(saved, model, path, groups):
     return {'state': by_name, 'param_groups': None}, name
 
 def named_optimizer_state(saved, groups):
-    """This repository's optimizer state dict (keyed by position, as optimizer.state_dict()) keyed
-    by parameter name instead, the form torch.distributed.checkpoint's state dict functions take;
-    `groups` are the parameter names of its groups (the recipe's parameter_groups)."""
+    """Our optimizer state dict keyed by parameter name instead of position, the form
+    torch.distributed.checkpoint's state dict functions take (`groups`: parameter_groups)."""
     names = [n for group in groups for n in group]
     return {'state': {names[i]: value for i, value in saved['state'].items()},
             'param_groups': [dict(group, params=list(names_)) for group, names_ in zip(saved['param_groups'], groups)]}
 
 def load_named_optimizer_state(model, optimizer, named, sharded, groups):
     """Load a state dict keyed by parameter name (param_groups None: keep the optimizer's own
-    hyperparameters), into a sharded optimizer (each process takes its shards) or a plain one,
-    whose groups hold the parameters named in `groups`."""
+    hyperparameters) into a sharded or plain optimizer whose groups hold `groups`' parameters."""
     if named['param_groups'] is None:
         named = dict(named, param_groups=[dict(group, params=list(names)) for group, names
                                           in zip(optimizer.state_dict()['param_groups'], groups)])
@@ -300,9 +279,8 @@ def load_named_optimizer_state(model, optimizer, named, sharded, groups):
                                                     for group in named['param_groups']]})
 
 def load_sharded_checkpoint(model, optimizer, path):
-    """The model and optimizer state of a sharded checkpoint (checkpoint.save_sharded) into this
-    run's model and optimizer, sharded or not, on any number of processes: every process reads
-    what its own parameters need."""
+    """A sharded checkpoint's model and optimizer state into this run's, sharded or not, on any
+    number of processes: every process reads what its own parameters need."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -311,10 +289,9 @@ def load_sharded_checkpoint(model, optimizer, path):
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 def restore(start, path, model, optimizer, scaler, groups, rank, world_size, device, sharded):
-    """Load a start checkpoint's optimizer state, GradScaler and this process's RNG states into
-    the run's (the model's weights are in already, or with a sharded checkpoint loaded here).
-    Returns whether the start is exact: a checkpoint of ours, which carries the data position and
-    RNG states, so the run continues as if never stopped."""
+    """Load a start checkpoint's optimizer state, GradScaler and this process's RNG states (and a
+    sharded one's model). Returns whether the start is exact: a checkpoint of ours, with the data
+    position and RNG states, so the run continues as if never stopped."""
     master = rank == 0
     if 'foreign' in start:
         optimizer_state, layout = foreign_optimizer_state(start['optimizer'], model, path, groups)
