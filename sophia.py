@@ -80,15 +80,19 @@ def _single_tensor_update_hessian(hessians, estimates, *, beta2, square):
 # foreach implementation: the same ops over lists; each _foreach_ call is one kernel launch per
 # (device, dtype) bucket on CUDA instead of one per tensor.
 
-def _by_device_and_dtype(*tensor_lists):
-    """Split parallel tensor lists into buckets of equal (device, dtype), for the foreach fast path."""
-    buckets = {}
+def _split(tensor_lists, key):
+    """Split parallel tensor lists by key(the tensors at one index): {key: the lists' parts}."""
+    splits = {}
     for tensors in zip(*tensor_lists):
-        key = (tensors[0].device, tensors[0].dtype)
-        bucket = buckets.setdefault(key, [[] for _ in tensor_lists])
-        for column, tensor in zip(bucket, tensors):
+        split = splits.setdefault(key(tensors), [[] for _ in tensor_lists])
+        for column, tensor in zip(split, tensors):
             column.append(tensor)
-    return list(buckets.values())
+    return splits
+
+
+def _by_device_and_dtype(*tensor_lists):
+    """Split parallel tensor lists into buckets of equal (device, dtype), for the fast paths."""
+    return _split(tensor_lists, lambda tensors: (tensors[0].device, tensors[0].dtype)).values()
 
 
 def _multiplier(value, device):
@@ -336,8 +340,8 @@ def _fused_step(params, grads, exp_avgs, hessians, steps, *, lr, beta1, rho, wei
     decay, one_minus_beta1, rho_bs, neg_lr = 1 - lr * weight_decay, 1 - beta1, rho * bs, -lr
     for params, grads, exp_avgs, hessians in _by_device_and_dtype(params, grads, exp_avgs, hessians):
         if _fused_kernels(params[0].device.type) is triton:
-            _triton_step(params, grads, exp_avgs, hessians, decay=decay, beta1=beta1,
-                         one_minus_beta1=one_minus_beta1, rho_bs=rho_bs, neg_lr=neg_lr, maximize=maximize)
+            _launch(_sophia_step_kernel, [params, grads, exp_avgs, hessians], decay, beta1,
+                    one_minus_beta1, rho_bs, neg_lr, MAXIMIZE=bool(maximize))
         else:
             dtype = params[0].dtype
             _fused_kernels("cpu").sophia_step(
@@ -350,7 +354,8 @@ def _fused_step(params, grads, exp_avgs, hessians, steps, *, lr, beta1, rho, wei
 def _fused_update_hessian(hessians, estimates, *, beta2, square):
     for hessians, estimates in _by_device_and_dtype(hessians, estimates):
         if _fused_kernels(hessians[0].device.type) is triton:
-            _triton_update_hessian(hessians, estimates, beta2=beta2, square=square)
+            _launch(_update_hessian_kernel, [hessians, estimates], beta2, 1 - beta2,
+                    SQUARE=bool(square))
         else:
             dtype = hessians[0].dtype
             weight = 1 - beta2 if square else _aten_cpu_addend(1 - beta2, dtype)  # addcmul_ vs add_(alpha=)
@@ -441,33 +446,18 @@ def _launch_table(device, tensor_lists):
     return table, block_to_tensor
 
 
-def _launch_device(device):
-    """Triton launches on the current CUDA device; CPU tensors (Triton's interpreter) need none."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _triton_dtype(dtype):
-    return tl.float32 if dtype == torch.float32 else tl.bfloat16
-
-
-def _triton_step(params, grads, exp_avgs, hessians, *, decay, beta1, one_minus_beta1, rho_bs, neg_lr, maximize):
-    table, block_to_tensor = _launch_table(params[0].device, [params, grads, exp_avgs, hessians])
+def _launch(kernel, tensor_lists, *args, **flags):
+    """One launch of a Triton kernel over every tensor of the lists (one device, one dtype)."""
+    first = tensor_lists[0][0]
+    table, block_to_tensor = _launch_table(first.device, tensor_lists)
     if block_to_tensor.numel() == 0:  # only zero-size tensors
         return
-    with _launch_device(params[0].device):
-        _sophia_step_kernel[(block_to_tensor.numel(),)](
-            table, block_to_tensor, len(params), decay, beta1, one_minus_beta1, rho_bs, neg_lr,
-            MAXIMIZE=bool(maximize), DTYPE=_triton_dtype(params[0].dtype), BLOCK=_BLOCK)
-
-
-def _triton_update_hessian(hessians, estimates, *, beta2, square):
-    table, block_to_tensor = _launch_table(hessians[0].device, [hessians, estimates])
-    if block_to_tensor.numel() == 0:
-        return
-    with _launch_device(hessians[0].device):
-        _update_hessian_kernel[(block_to_tensor.numel(),)](
-            table, block_to_tensor, len(hessians), beta2, 1 - beta2,
-            SQUARE=bool(square), DTYPE=_triton_dtype(hessians[0].dtype), BLOCK=_BLOCK)
+    # Triton launches on the current CUDA device; CPU tensors (Triton's interpreter) need none
+    cuda = first.device.type == "cuda"
+    with torch.cuda.device(first.device) if cuda else contextlib.nullcontext():
+        kernel[(block_to_tensor.numel(),)](
+            table, block_to_tensor, len(tensor_lists[0]), *args, **flags,
+            DTYPE=tl.float32 if first.dtype == torch.float32 else tl.bfloat16, BLOCK=_BLOCK)
 
 # -----------------------------------------------------------------------------
 
@@ -610,12 +600,7 @@ class SophiaG(torch.optim.Optimizer):
     def _split_by_implementation(self, group, tensor_lists):
         """Split parallel lists (params, grads, exp_avgs, hessians, steps) by implementation;
         the choice looks at the first four (the step counter is a float32 scalar anywhere)."""
-        splits = {}
-        for tensors in zip(*tensor_lists):
-            split = splits.setdefault(self._implementation(group, tensors[:4]), [[] for _ in tensor_lists])
-            for column, tensor in zip(split, tensors):
-                column.append(tensor)
-        return splits.items()
+        return _split(tensor_lists, lambda ts: self._implementation(group, ts[:4])).items()
 
     @torch.no_grad()
     def step(self, closure=None, bs=5120):
