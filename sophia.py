@@ -2,18 +2,15 @@
 SophiaG: a clipped, diagonal second-order optimizer for language-model pretraining
 (Liu, Li, Hall, Liang, Ma 2023, arXiv 2305.14342), with Sophia-H (Hutchinson) support.
 
-Three implementations of one update, chosen like torch.optim's flags:
-- reference (foreach=False): a plain loop over tensors; the ground truth the others are tested against.
-- foreach (foreach=True): the same ops on lists of tensors with torch._foreach_*.
-- fused (fused=True): one pass over memory per tensor. On CPU a small C++/OpenMP kernel, compiled
-  with the system compiler on first use and cached; on CUDA a Triton kernel over all tensors of a
-  param group in one launch. The default (both flags None) is fused where it can be built, else
-  foreach (with one warning saying why).
+Three implementations of one update, chosen like torch.optim's flags: the reference
+(foreach=False), the ground truth the others are tested against; foreach (foreach=True), the same
+ops with torch._foreach_*; fused (fused=True), one pass over memory per tensor: a C++/OpenMP kernel
+on CPU (compiled on first use and cached), a Triton kernel per param group on CUDA. The default is
+fused where it can be built, else foreach (with one warning saying why).
 
-Hessian-diagonal estimators for update_hessian():
-- sampled_label_loss(): the loss whose gradient gives the Gauss-Newton-Bartlett estimate (Sophia-G),
-  against labels from sample_labels(), the sampler the training loop runs too.
-- hutchinson_hessian(): u * (H u) with Rademacher u by double backward (Sophia-H).
+Hessian-diagonal estimators for update_hessian(): sampled_label_loss() (Gauss-Newton-Bartlett,
+Sophia-G; its labels from sample_labels(), which the training loop runs too) and
+hutchinson_hessian() (u * (H u) with Rademacher u, Sophia-H).
 """
 
 import contextlib
@@ -44,9 +41,8 @@ EPS = 1e-15  # keeps m / (rho * bs * h + EPS) finite where h = 0 (the official c
 
 
 def _local(tensor):
-    """The local shard of a DTensor (FSDP2's sharded parameters, their gradients and optimizer
-    state), or the tensor itself. Every update is elementwise, so each process updates its own
-    shards with any implementation, and the state keeps the parameters' sharding."""
+    """The local shard of a DTensor (FSDP2's parameters, gradients, state), or the tensor: every
+    update is elementwise, so each process updates its own shards with any implementation."""
     return tensor.to_local() if DTensor is not None and isinstance(tensor, DTensor) else tensor
 
 # -----------------------------------------------------------------------------
@@ -130,17 +126,14 @@ def _multi_tensor_update_hessian(hessians, estimates, *, beta2, square):
             torch._foreach_add_(hessians, estimates, alpha=1 - beta2)
 
 # -----------------------------------------------------------------------------
-# Fused CPU kernel. A dependency-free C++ file (no torch headers), so the first-use compile takes
-# about a second instead of the minute a torch extension takes; loaded with ctypes, which releases
-# the GIL during the call. Each element is read once and written once (24 bytes per fp32 parameter
-# for the step, 12 for the Hessian EMA). Every intermediate is rounded to the storage dtype exactly
-# where the reference rounds, and multiply-adds are fused exactly where ATen fuses them (its
-# vectorized add-with-alpha and addcmul use FMA when the CPU has it), so the results match the
-# reference bit for bit. -ffp-contract=off stops the compiler from fusing any other multiply-add.
-# One difference comes from ATen itself: in bf16, its add_(other, alpha) rounds self + alpha*other
-# once in its vector loop but rounds alpha*other to bf16 first in the scalar loop that finishes each
-# thread's range (numel mod 64 elements with AVX-512); the kernel rounds once everywhere, so there m
-# (and h after a signed update) can be one bf16 rounding off the reference, and θ with it.
+# Fused CPU kernel: C++ without torch headers, so the first-use compile takes a second, not a torch
+# extension's minute; loaded with ctypes, which releases the GIL during the call. Each element is
+# read and written once. Every intermediate is rounded to the storage dtype where the reference
+# rounds, and multiply-adds are fused exactly where ATen fuses them (its vectorized add-with-alpha
+# and addcmul use FMA when the CPU has it; -ffp-contract=off stops any other fusing), so results
+# match the reference bit for bit but for an ATen quirk: in bf16 its add_(other, alpha) rounds
+# alpha*other to bf16 first in the scalar loop that ends each thread's range (numel mod 64 elements
+# with AVX-512), so there m (and h, θ) can be one bf16 rounding off; the kernel rounds once.
 
 _CPU_SOURCE = r"""
 #include <algorithm>
@@ -486,25 +479,21 @@ class SophiaG(torch.optim.Optimizer):
     (the paper's max(γh, ε)).
 
     Units of ``bs``. ρ·bs·h must be the curvature of the *mean* loss. For GNB, h holds an EMA of
-    ĝ⊙ĝ with ĝ the gradient of the mean loss over the B predictions (tokens) of the batch the
-    Hessian pass ran on, and B·ĝ⊙ĝ is the GNB estimate of the Gauss-Newton diagonal; so
-    ``bs = B``, the number of tokens whose mean loss produced ĝ: micro-batches × batch_size ×
-    block_size × ranks when gradient accumulation divides the loss by the number of micro-batches
-    and DDP averages over ranks. The official loop uses a Hessian batch as large as a training
-    step, so there bs = tokens per step = 480·1024 = 491,520. If the Hessian pass uses fewer tokens,
-    pass those. For estimates that already are Hessian diagonals of the mean loss (Hutchinson)
-    pass ``bs=1``. Clipping ĝ (clip_grad_norm_) before update_hessian() rescales h.
+    ĝ⊙ĝ, ĝ the gradient of the mean loss over the B tokens of the Hessian pass's batch, and B·ĝ⊙ĝ
+    estimates the Gauss-Newton diagonal: so ``bs = B``, micro-batches × batch_size × block_size ×
+    ranks when accumulation divides the loss by the micro-batches and DDP averages over ranks (the
+    official loop's Hessian batch is a training step's, 480·1024 = 491,520 tokens). For estimates
+    that already are Hessian diagonals of the mean loss (Hutchinson) pass ``bs=1``. Clipping ĝ
+    (clip_grad_norm_) before update_hessian() rescales h.
 
     Effective β2: h moves only at Hessian updates, every k steps, so β2 per update is
     β2^(1/k) per step, a horizon of k/(1 − β2) steps (0.99 with k = 10: 0.999, about 1000 steps).
 
-    Win rate (``diagnostics()['win_rate']``, the official ``train/win_rate``) is the fraction of
-    coordinates *not* clipped, |m| < ρ·bs·h⁺. A larger ρ raises the denominator, so clips fewer
-    coordinates and shrinks the unclipped steps: larger ρ, larger win rate, smaller updates.
-    Healthy: 0.1–0.5, peaking early and then stable. Near 0, almost every coordinate takes the
-    clipped step lr·sign(m) and the curvature goes unused: raise ρ (and check that bs is the
-    Hessian batch's token count). Near 1, every step is m/(ρ·bs·h) and the clip no longer
-    guards anything: lower ρ. If the loss blows up, lower lr or raise ρ.
+    Win rate (``diagnostics()['win_rate']``, the official ``train/win_rate``): the fraction of
+    coordinates *not* clipped, |m| < ρ·bs·h⁺; larger ρ, larger win rate, smaller updates. Healthy:
+    0.1–0.5, peaking early, then stable. Near 0 almost every coordinate takes lr·sign(m) and the
+    curvature goes unused: raise ρ (and check bs). Near 1 the clip guards nothing: lower ρ. If the
+    loss blows up, lower lr or raise ρ.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -521,11 +510,6 @@ class SophiaG(torch.optim.Optimizer):
         fused (bool, optional): True: one fused pass per tensor (C++ on CPU, Triton on CUDA),
             raising if it cannot be built. With both flags None the fused kernel is used where it
             can be built, otherwise foreach after one warning. (default None)
-
-    ``step(closure=None, bs=5120)``: bs as above (5120 is the official default argument).
-    ``update_hessian(hessian_estimates=None)``: see above; estimates are a sequence with one
-    entry per parameter of ``param_groups`` in order (None skips a parameter).
-    ``diagnostics(bs=None)``: win rate and norms as 0-dim tensors on the parameters' device.
     """
 
     def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, *,
@@ -604,7 +588,7 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, bs=5120):
-        """One optimizer step. bs: tokens of the Hessian batch (see the class docstring)."""
+        """One optimizer step. bs: tokens of the Hessian batch (class docstring; official: 5120)."""
         if not bs > 0:
             raise ValueError(f"Invalid bs value: {bs} (tokens in the Hessian batch, must be > 0)")
         loss = None
@@ -635,11 +619,9 @@ class SophiaG(torch.optim.Optimizer):
     def update_hessian(self, hessian_estimates=None):
         """h ← β2·h + (1−β2)·ĝ⊙ĝ from each .grad (GNB), or h ← β2·h + (1−β2)·ĥ from hessian_estimates.
 
-        hessian_estimates: None, or a sequence with one tensor (or None, to skip) per parameter
-        of param_groups, in order, each the estimate of that parameter's Hessian diagonal.
-        Parameters without an estimate (or without .grad, for GNB) are left alone. Creates the
-        state of parameters that have none yet, so it may come before the first step().
-        """
+        hessian_estimates: None, or one estimate of the Hessian diagonal (or None, to skip) per
+        parameter of param_groups, in order. Parameters without an estimate (or .grad, for GNB) are
+        left alone. Creates missing state, so it may come before the first step()."""
         all_params = [p for group in self.param_groups for p in group["params"]]
         if hessian_estimates is not None:
             hessian_estimates = list(hessian_estimates)
@@ -668,13 +650,10 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def diagnostics(self, bs=None):
-        """Dict of 0-dim float32 tensors on the parameters' device, computed without host syncs:
-
-        win_rate: fraction of coordinates not clipped, |m| < ρ·bs·h⁺ (+ε, as in the update),
-            with bs of the last step() unless given (the official train/win_rate);
-        hessian_norm: L1 norm of all h;  hessian_norm2: L2 norm of all h;
-        momentum_norm: L2 norm of all m.
-        Read it at most once per log interval (stack the values and call .tolist() once).
+        """Dict of 0-dim float32 tensors on the parameters' device, computed without host syncs
+        (read them at most once per log interval): win_rate, the fraction of coordinates not
+        clipped, |m| < ρ·bs·h⁺ (+ε), with bs of the last step() unless given (the official
+        train/win_rate); hessian_norm and hessian_norm2, L1 and L2 of all h; momentum_norm, L2 of m.
         """
         bs = self.last_bs if bs is None else bs
         if bs is None:
@@ -731,19 +710,15 @@ def _gumbel_argmax(z, generator):
 
 
 def sample_labels(logits, generator=None):
-    """One label per row of logits (..., V), drawn from softmax(logits), in two exact stages.
-
-    The V entries are cut into V/c chunks of c (c: the smallest divisor of V >= sqrt(V)); a chunk
-    is drawn with probability proportional to exp(logsumexp of its logits), then an entry within
-    it from the chunk's own softmax. Each draw is a Gumbel-max: argmax(z + G), G = -log(-log(U)),
-    U uniform in [0, 1), is distributed as softmax(z). The only full-size work is the chunks'
-    logsumexp, one read of the logits (fused into one kernel under torch.compile); random numbers
-    are needed for V/c + c entries per row instead of V, which on a GPU is what a draw over a
-    50,304-wide vocabulary costs (GPT-2's 50304 = 192 chunks of 262). No gradient flows through
-    the draw. In float32 U <= 1 - 2**-24 caps G at 16.6, so an entry more than ~17 nats below the
-    largest of its group (probability < 1e-7) is drawn slightly too rarely. generator: a
-    torch.Generator on the logits' device, or None for the global RNG (torch.compile-friendly).
-    """
+    """One label per row of logits (..., V), drawn from softmax(logits), in two exact stages: a
+    chunk of c entries (c: the smallest divisor of V >= sqrt(V)) with probability proportional to
+    exp(logsumexp of its logits), then an entry from the chunk's softmax, each a Gumbel-max
+    (argmax(z + G), G = -log(-log(U)), U uniform in [0, 1), is distributed as softmax(z)). Random
+    numbers for V/c + c entries per row instead of V are what makes it cheap on a GPU (GPT-2's 50304
+    = 192 chunks of 262); the full-size work is one read of the logits. No gradient flows through
+    the draw. In float32 G <= 16.6, so an entry ~17 nats below the largest of its group (p < 1e-7)
+    is drawn slightly too rarely. generator: a torch.Generator on the logits' device, or None for
+    the global RNG (torch.compile-friendly)."""
     V = logits.size(-1)
     c = next(d for d in range(math.isqrt(V - 1) + 1, V + 1) if V % d == 0)
     chunks = logits.detach().float().reshape(-1, V // c, c)
@@ -754,30 +729,22 @@ def sample_labels(logits, generator=None):
 
 def sampled_label_loss(logits, generator=None):
     """Mean cross-entropy of logits (..., V) against labels drawn from softmax(logits) per position
-    (sample_labels, the sampler the training loop runs inside the model's forward).
-
-    Backpropagate it and call update_hessian(): the resulting .grad ĝ gives the Gauss-Newton-
-    Bartlett estimate B·ĝ⊙ĝ of the Gauss-Newton diagonal of the mean loss over the B positions
-    (Sophia-G; pass step(bs=B)). E[B·ĝ⊙ĝ] equals that diagonal because the per-position gradients
-    have mean zero under the model's own labels. No gradient flows through the sampling.
-    generator: a torch.Generator on logits' device.
-    """
-    vocab_size = logits.size(-1)
+    (sample_labels). Backpropagate it and call update_hessian(): the .grad ĝ gives the
+    Gauss-Newton-Bartlett estimate B·ĝ⊙ĝ of the Gauss-Newton diagonal of the mean loss over the B
+    positions (Sophia-G; pass step(bs=B)), unbiased because the per-position gradients have mean
+    zero under the model's own labels. generator: a torch.Generator on logits' device."""
     labels = sample_labels(logits, generator)
-    return F.cross_entropy(logits.reshape(-1, vocab_size), labels.reshape(-1))
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
 
 
 def hutchinson_hessian(loss, params, generator=None):
-    """Hutchinson estimate u ⊙ (H u) of the Hessian diagonal of loss, one tensor per param.
-
-    u has independent ±1 (Rademacher) entries and H u is a Hessian-vector product by double
-    backward; E[u ⊙ (H u)] = diag(H). Params the loss does not depend on (or only linearly)
-    get zeros. The estimate is of the Hessian of loss itself: sum the estimates of micro-batch
-    losses that are already divided by the number of micro-batches (and average over ranks),
-    then pass the list to update_hessian(hessian_estimates=...) and step with bs=1. Negative
-    entries are expected (H is indefinite); the step treats h ≤ 0 as no curvature information.
-    generator: a torch.Generator on the params' device.
-    """
+    """Hutchinson estimate u ⊙ (H u) of the Hessian diagonal of loss, one tensor per param: u has
+    independent ±1 (Rademacher) entries, H u is a Hessian-vector product by double backward, and
+    E[u ⊙ (H u)] = diag(H); params the loss does not depend on (or only linearly) get zeros. Sum
+    the estimates of micro-batch losses already divided by their number (and average over ranks),
+    then pass them to update_hessian(hessian_estimates=...) and step with bs=1. Entries can be
+    negative (H is indefinite): the step treats h ≤ 0 as no curvature information.
+    generator: a torch.Generator on the params' device."""
     params = list(params)
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     # only gradients that depend on the params again can be differentiated a second time
