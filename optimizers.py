@@ -1,31 +1,15 @@
 """
-The optimizers the training scripts train, each behind one small interface: everything that
-differs between them lives here, and the loop (trainer.py) names none of them.
+The optimizers the training scripts train, each behind one small interface, a recipe, so that the
+loop (trainer.py) names none of them: AdamWRecipe (train_adam.py), SophiaGRecipe (train_sophiag.py)
+and MuonRecipe (train_muon.py).
 
-    train_adam.py     AdamWRecipe    torch.optim.AdamW, fused where the device has it
-    train_sophiag.py  SophiaGRecipe  sophia.SophiaG, plus a Hessian pass every hess_interval steps
-    train_muon.py     MuonRecipe     torch.optim.Muon on the blocks' matrices, AdamW on the rest
-
-What a recipe gives the loop:
-
-    defaults()                        every config key with this optimizer's defaults; its own keys
-                                      (rho, muon_momentum, ...) exist in its script only, and the
-                                      other scripts refuse them naming this one (foreign_keys)
-    check(config, checks, world_size) its own keys' checks, and what it cannot do (FSDP, ...)
-    official_keys()                   keys of the official Sophia scripts' configs it understands
-    parameter_groups(model)           its parameter groups, by parameter name: the layout of its
-                                      state in checkpoints (resume.py maps other layouts onto it)
-    recipe = Recipe(config, plan)     then, for one run:
-    build(model, device_type)         the optimizer
-    step(run)                         the step, through the GradScaler (Sophia's takes bs)
-    after_step(run, iter_num, first)  an extra pass after the step (Sophia's Hessian pass); returns
-                                      the training sequences it drew
-    diagnostics(run), report(...)     what it adds to the log rows and lines
-    describe(run)                     what it adds to the batch arithmetic printed at the start
-    extra_tokens_per_iter(run)        forward+backward tokens it adds per iteration, for MFU
-
-A parameter group may carry 'lr_scale': its peak learning rate over learning_rate, which the
-schedule (trainer.set_lr) keeps as it warms up and decays every group.
+A recipe's class methods serve the config and checkpoints: defaults(), check(config, checks,
+world_size), official_keys(), foreign_keys(), parameter_groups(model) (by name: the layout of its
+state in checkpoints). An instance, Recipe(config, plan), serves one run: build(model,
+device_type) the optimizer, step(run), after_step(run, iter_num, first) (an extra pass, returning
+the training sequences it drew), diagnostics(run) and report(...) (log rows and lines),
+describe(run) (the batch arithmetic line) and extra_tokens_per_iter(run) (for MFU). A parameter
+group may carry 'lr_scale', its peak learning rate over learning_rate (trainer.set_lr).
 """
 
 import math
@@ -164,12 +148,8 @@ class AdamWRecipe(Recipe):
 # Sophia-G
 
 class SophiaGRecipe(Recipe):
-    """Sophia-G (sophia.SophiaG) and what it adds to a training loop:
-    - its step takes bs, the token count of the batch the Hessian estimate came from;
-    - after every hess_interval-th step, a Hessian pass (hessian_pass) on fresh batches: labels
-      sampled from the model's own softmax (Gauss-Newton-Bartlett, Sophia-G) or Hutchinson's
-      u * (H u) (Sophia-H), then optimizer.update_hessian();
-    - the win rate and the norms of its momentum and Hessian EMA in the logs."""
+    """Sophia-G (sophia.SophiaG): its step takes bs, a Hessian pass (hessian_pass) follows every
+    hess_interval-th step, and the win rate and norms join the logs (train_sophiag.py says more)."""
     name, title, script = 'sophiag', 'Sophia-G', 'train_sophiag.py'
     divergence_advice = 'Lower the learning rate or raise rho'
 
@@ -224,9 +204,8 @@ class SophiaGRecipe(Recipe):
 
     @property
     def bs(self):
-        """The step's bs: it turns the stored EMA of squared sampled gradients into the Gauss-Newton
-        estimate of the mean loss, so it is the token count of the batch those gradients came from
-        (sophia.py). Hutchinson estimates are of the mean loss already."""
+        """The step's bs (sophia.py): the tokens of the batch the sampled gradients came from; 1 for
+        Hutchinson estimates, which are of the mean loss already."""
         return self.hessian_tokens if self.config['hessian_estimator'] == 'gnb' else 1
 
     def build(self, model, device_type):
@@ -252,9 +231,8 @@ class SophiaGRecipe(Recipe):
         return self.hess_sequences
 
     def hessian_pass(self, run, first):
-        """The Hessian pass over the global sequences from `first` (hess_sequences of them), each
-        process over its share. Returns a 0-dim device tensor: 1 if the Hessian EMA was updated, 0
-        if the estimate was not finite and the pass skipped."""
+        """The Hessian pass over hess_sequences global sequences from `first`, each process over its
+        share. Returns a 0-dim device tensor: 1 if the Hessian EMA was updated, 0 if not finite."""
         batch_size = self.config['batch_size']
         start = first + run.rank * self.hess_micro_steps * batch_size
         micro_batches = [start + i * batch_size for i in range(self.hess_micro_steps)]  # their first sequences
@@ -361,19 +339,12 @@ def hutchinson_hessian_pass(run, micro_batches):
 # Muon
 
 class MuonRecipe(Recipe):
-    """Muon (torch.optim.Muon) on the transformer blocks' weight matrices, AdamW on everything
-    else: the token and position embeddings (and so the tied output layer), LayerNorm gains and
-    biases. Muon takes 2-D parameters only; the split is the usual recipe (modded-nanogpt's GPT-2
-    speedrun records; PyTorch's Muon documentation). Muon orthogonalises each matrix's momentum
-    with a Newton-Schulz iteration, which needs the whole matrix: FSDP's shards split them, so
-    this script trains with DDP (every process holds whole matrices and computes the same update).
-
-    Hyperparameters: momentum 0.95 with Nesterov and 5 Newton-Schulz steps (modded-nanogpt,
-    torch's defaults). The learning rate is scaled by each matrix's shape with adjust_lr_fn:
-    'match_rms_adamw' (Moonshot, arXiv 2502.16982: 0.2 * sqrt(max(rows, cols)), which gives the
-    update AdamW's RMS, so AdamW's tuned learning rate and weight decay carry over: the default
-    here, one learning_rate for both parts) or 'original' (Keller Jordan's sqrt(max(1, rows/cols)),
-    with a Muon learning rate of its own around 0.02-0.05, muon_learning_rate)."""
+    """Muon (torch.optim.Muon) on the transformer blocks' weight matrices, AdamW on the rest, the
+    usual split (modded-nanogpt; PyTorch's Muon documentation). DDP only: Muon's Newton-Schulz
+    iteration needs whole matrices, which FSDP's shards split. The lr is scaled by each matrix's
+    shape: 'match_rms_adamw' (Moonshot, arXiv 2502.16982: 0.2 * sqrt(max(rows, cols))) gives the
+    update AdamW's RMS, so one learning_rate and weight decay serve both parts; 'original' (Keller
+    Jordan's sqrt(max(1, rows/cols))) wants a Muon lr of its own, 0.02-0.05 (muon_learning_rate)."""
     name, title, script = 'muon', 'Muon', 'train_muon.py'
 
     @staticmethod
@@ -403,8 +374,7 @@ class MuonRecipe(Recipe):
 
     @staticmethod
     def parameter_groups(model):
-        """AdamW's two groups (embeddings decayed; biases and LayerNorm gains not), then Muon's:
-        the 2-D weights inside the transformer blocks."""
+        """Recipe's two groups for AdamW, less the blocks' 2-D weights: Muon's, the third group."""
         params = dict(model.named_parameters())
         matrices = [n for n in params if n.startswith('transformer.h.') and params[n].dim() == 2]
         return [[n for n in params if params[n].dim() >= 2 and n not in matrices],
@@ -424,10 +394,9 @@ class MuonRecipe(Recipe):
         return MuonWithAdamW(adamw, muon)
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """A torch.optim.AdamW and a torch.optim.Muon over disjoint parameters, as one optimizer: one
-    step, one list of param groups (AdamW's first) and one state, so that the GradScaler, the
-    schedule and checkpoints treat it as any other optimizer. Both keep computing as themselves:
-    this class only shares their groups and state."""
+    """A torch.optim.AdamW and a torch.optim.Muon over disjoint parameters as one optimizer (one
+    step, one list of param groups, AdamW's first, one state) for the GradScaler, the schedule and
+    checkpoints. Both compute as themselves: this class only shares their groups and state."""
 
     def __init__(self, adamw, muon):
         self.adamw, self.muon = adamw, muon
@@ -435,8 +404,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.share()
 
     def share(self):
-        """Point both optimizers at this one's groups and state (after init and after a load,
-        which replaces them)."""
+        """Point both optimizers at this one's groups and state (after init, and after a load)."""
         count = len(self.adamw.param_groups)
         self.adamw.param_groups, self.muon.param_groups = self.param_groups[:count], self.param_groups[count:]
         self.adamw.state = self.muon.state = self.state
