@@ -1,11 +1,6 @@
 """
 Processes: the process group a torchrun launch starts, FSDP2 sharding over it, what every process
 must agree on (gradient sync, RNG states), signals, and the failure of a peer.
-
-One process:       $ python train_sophiag.py config/train_stdlib_char_sophiag.py
-DDP on one node:   $ torchrun --standalone --nproc_per_node=8 train_sophiag.py config/...
-DDP on two nodes:  $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST \
-                       --master_port=1234 train_sophiag.py ...
 """
 
 import os
@@ -22,8 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import UserError
 
 def setup_distributed(config):
-    """Process group from torchrun's environment, or a single process. Returns (rank, world_size,
-    device)."""
+    """Process group from torchrun's environment, or one process: (rank, world_size, device)."""
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
@@ -52,10 +46,9 @@ def setup_distributed(config):
     return rank, world_size, device
 
 def shard_model(model, config, world_size, local_world_size, device_type, ptdtype):
-    """FSDP2: every transformer block, then the rest of the model (embeddings, final norm, the tied
-    output layer), sharded in place over all processes ('fsdp'), or within shard groups and
-    replicated across them ('hsdp', a 2-D mesh). Parameters stay float32 (the optimizer's master
-    copy); forward and backward compute in `ptdtype`, gradients are reduced in float32."""
+    """FSDP2: every transformer block, then the rest of the model, sharded in place over all
+    processes ('fsdp'), or within shard groups and replicated across them ('hsdp'). Parameters
+    stay float32 (the optimizer's master copy); forward and backward compute in `ptdtype`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if config['data_parallel'] == 'hsdp':
@@ -87,8 +80,7 @@ def set_gradient_sync(run, sync):
         run.raw_model.set_requires_gradient_sync(sync)
 
 def whole(tensor):
-    """A DTensor made whole on every process (a norm over sharded tensors comes as one), or the
-    tensor itself."""
+    """A DTensor (a norm over sharded tensors, say) made whole on every process, or the tensor."""
     from torch.distributed.tensor import DTensor
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
@@ -116,16 +108,13 @@ def gather_rng_states(world_size, device):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 class SignalFlag:
-    """SIGTERM, SIGINT, SIGHUP and SIGUSR1 (STOP_SIGNALS) ask the loop to finish the current
-    iteration, save and exit with 128 + the signal's number; a second signal exits at once, even
-    while the main thread is inside a long kernel. Two different signals within a second count as
-    one: Ctrl-C under torchrun reaches a worker as SIGINT from the terminal and again from torchrun.
+    """STOP_SIGNALS ask the loop to finish the iteration, save and exit with 128 + the signal's
+    number; a second signal exits at once. Two different signals within a second count as one:
+    Ctrl-C under torchrun reaches a worker from the terminal and again from torchrun.
 
-    Python runs signal handlers in the main thread between bytecodes, so during a long kernel (an
-    attention backward, a collective waiting for a peer) a handler would wait for it to return.
-    The handlers installed here do nothing; the interpreter's C-level handler also writes each
-    signal's number to a pipe (signal.set_wakeup_fd), and a watcher thread acts on it at once:
-    torch releases the GIL inside its kernels, so the thread runs while one is busy."""
+    Python runs signal handlers between bytecodes, which a long kernel delays. So the handlers do
+    nothing; the C-level handler writes each signal's number to a pipe (signal.set_wakeup_fd), and
+    a watcher thread acts on it at once: torch releases the GIL inside its kernels."""
 
     def __init__(self):
         self.signum, self.when = 0, 0.0
@@ -170,9 +159,8 @@ class SignalFlag:
                   f"checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)
 
 def watch_launcher(stop_flag, every=1.0):
-    """A worker whose launcher (torchrun) died, by SIGKILL say, is adopted by another process: a
-    thread notices within `every` seconds and stops the run as SIGTERM would (save, exit), so no
-    orphan trains on beside a relaunch."""
+    """A worker whose launcher (torchrun) died is adopted by another process: a thread notices
+    within `every` seconds and stops the run as SIGTERM would, so no orphan trains on."""
     launcher = os.getppid()
     def watch():
         while os.getppid() == launcher:
@@ -196,9 +184,8 @@ def is_communication_failure(e):
         text in str(e) for text in GLOO_FAILURES))
 
 def end_process_group(status, stopped):
-    """Leave the process group as a run ends with `status` (`stopped`: a stop every process agreed
-    on). A run that finished or stopped together tears down together; after a failure the group
-    may hold a dead or hung peer and cannot be torn down: the process leaves at once."""
+    """Leave the process group as a run ends with `status`. A run that finished or stopped together
+    (`stopped`) tears down together; after a failure a peer may be dead or hung: leave at once."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if status == 0 or stopped:
