@@ -1,17 +1,10 @@
 """
-The token files and the batches drawn from them.
+The token files (train.bin and val.bin, uint16 token ids, and meta.pkl, written by
+data/*/prepare.py) and the batches drawn from them: windows of block_size + 1 tokens.
 
-A dataset is a folder under data/ (or any path) holding train.bin and val.bin, uint16 token ids
-one after another, and meta.pkl with the vocabulary (data/*/prepare.py write them). A batch is
-batch_size windows of block_size + 1 tokens: the inputs, and the targets one token later.
-
-The data order is a function of the seed and a global sequence counter alone: sequence j of a
-random stream is the window at an offset hashed from (seed, stream, j) (window_starts). An
-iteration takes the next total_bs sequences of the training stream and each process its
-contiguous share of them, so every process sees different data, a resumed run sees exactly the
-sequences it would have seen, and a run sees the same global batches whatever the number of
-processes and however total_bs is split into micro-batches. Evaluations draw from streams of
-their own with seed 0, so every run is measured on the same text.
+Sequence j of a random stream is the window at an offset hashed from (seed, stream, j)
+(window_starts). An iteration takes the next total_bs sequences of the training stream, each
+process its share, so a resumed run, or one on any number of processes, sees the same batches.
 """
 
 import os
@@ -48,10 +41,7 @@ def prepare_command(dataset):
     return f"run: python {os.path.relpath(script)}"
 
 def open_dataset(dataset, block_size, warn=print):
-    """Check train.bin / val.bin / meta.pkl of a dataset; return its vocabulary size (None if the
-    dataset has no meta.pkl) and the paths of the token files. The token files must agree with
-    the dtype and token counts meta.pkl records (prepare.py writes them); a meta.pkl written before
-    it recorded them gets a warning through `warn`."""
+    """Check a dataset's files; return its vocabulary (None without meta.pkl) and token files."""
     data_dir = data_dir_of(dataset)
     if os.sep not in dataset and not os.path.isdir(data_dir) and dataset not in PREPARED_BY:
         raise UserError(f"dataset {dataset!r} does not exist: data/ has {', '.join(available_datasets())} "
@@ -84,9 +74,8 @@ def open_dataset(dataset, block_size, warn=print):
     return vocab_size, paths
 
 def check_token_files(meta, meta_path, paths, dataset, warn):
-    """Token files of another dtype (an int32 train.bin has an even byte count and ids under the
-    vocabulary: it would train on ids with zeros between them), of another dataset or cut short
-    disagree with the dtype and token counts meta.pkl records."""
+    """The token files must have the dtype and token counts meta.pkl records (an int32 train.bin
+    would train on ids with zeros between them); an older meta.pkl without them gets a warning."""
     if 'dtype' not in meta:
         warn(f"warning: {meta_path} records no dtype or token counts (prepared before they were): "
              f"the token files are read as uint16 unchecked; {prepare_command(dataset)} to record "
@@ -103,19 +92,16 @@ def check_token_files(meta, meta_path, paths, dataset, warn):
                             f"another dtype or dataset, or cut short; {prepare_command(dataset)}")
 
 def model_vocab_size(dataset_vocab):
-    """The model's vocabulary for a dataset's (None: no meta.pkl, taken as GPT-2 BPE). A large
-    vocabulary is padded to a multiple of 64, GPT-2's 50257 to 50304 as in the official runs and
-    nanoGPT on OpenWebText: the lm_head matmul and the loss run much faster on a GPU with aligned
-    shapes. The padded ids never occur in the data and their logits learn to stay low. A small
-    (character) vocabulary is kept as it is: there the padding would buy nothing."""
+    """The model's vocabulary for a dataset's (None: no meta.pkl, taken as GPT-2 BPE). A large one
+    is padded to a multiple of 64 (GPT-2's 50257 to 50304, as the official runs and nanoGPT), for
+    faster matmuls on a GPU; a small (character) one is kept, there padding would buy nothing."""
     if dataset_vocab is None:
         return 50304
     return -(-dataset_vocab // 64) * 64 if dataset_vocab >= 1024 else dataset_vocab
 
 def check_token_ids(paths, vocab_size, dataset):
-    """Token ids at or beyond the model's vocabulary mean the data was prepared for another one.
-    Checked on the first 16M tokens of each file before anything is written to out_dir (a full
-    scan of OpenWebText would take minutes); get_batch checks every batch it draws besides."""
+    """Token ids beyond the model's vocabulary mean data prepared for another one: checked on the
+    first 16M tokens of each file (a full scan takes minutes); get_batch checks every batch."""
     for path in paths.values():
         largest = int(np.memmap(path, dtype=np.uint16, mode='r')[:1 << 24].max())
         if largest >= vocab_size:
@@ -128,10 +114,9 @@ def token_id_error(path, largest, vocab_size, dataset):
 GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's counter step: 2**64 / the golden ratio
 
 def window_starts(seed, stream, first, count, windows):
-    """Offsets of sequences first .. first+count-1 of a random stream, each uniform in
-    range(windows) and a function of (seed, stream, its index) alone: SplitMix64's output function
-    (Steele, Lea, Flood 2014) over a counter, keyed by the seed and stream. Vectorised, so a
-    batch costs microseconds; the modulo's bias is below windows / 2**64."""
+    """Offsets of sequences first .. first+count-1 of a random stream, uniform in range(windows):
+    SplitMix64's output function (Steele, Lea, Flood 2014) over a counter keyed by the seed and
+    stream, vectorised. The modulo's bias is below windows / 2**64."""
     key = np.random.SeedSequence((seed, stream)).generate_state(1, np.uint64)[0]
     x = key + (np.arange(first, first + count, dtype=np.uint64) + np.uint64(1)) * GOLDEN_GAMMA
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -150,8 +135,7 @@ class TokenFiles:
     device: str
 
 def get_batch(data, split, seed, stream, first):
-    """Sequences first .. first+batch_size-1 of a random stream of one split: windows of
-    block_size + 1 tokens of its token file, as inputs and as the targets one token later."""
+    """Sequences first .. first+batch_size-1 of a random stream of one split: inputs and targets."""
     # recreate the memmap every batch: a long-lived np.memmap holds on to the pages it touched
     tokens = np.memmap(data.paths[split], dtype=np.uint16, mode='r')
     ix = window_starts(seed, stream, first, data.batch_size, len(tokens) - data.block_size)
