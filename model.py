@@ -1,9 +1,6 @@
 """
-GPT-2, the model both optimizers train: token and position embeddings, n_layer pre-LayerNorm
-transformer blocks (causal self-attention, then a 4x MLP), a final LayerNorm, and an output layer
-that shares its weight with the token embedding. Parameter names follow nanoGPT's, so its
-checkpoints load; from_pretrained() reads OpenAI's released weights through Hugging Face
-transformers. The architecture follows OpenAI's GPT-2 paper and code (openai/gpt-2, src/model.py).
+GPT-2 (OpenAI's paper and code, openai/gpt-2), as nanoGPT writes it: parameter names are nanoGPT's,
+so its checkpoints load; from_pretrained() reads OpenAI's weights through Hugging Face transformers.
 """
 
 import math
@@ -114,8 +111,6 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.vocab_size is not None
-        assert config.block_size is not None
         self.config = config
 
         self.transformer = nn.ModuleDict(dict(
@@ -200,7 +195,6 @@ class GPT(nn.Module):
     def from_pretrained(cls, model_type, override_args=None):
         """A GPT-2 checkpoint from Hugging Face: a hub name or a local save_pretrained directory."""
         override_args = override_args or {}
-        # only dropout can be overridden; everything else must match the checkpoint
         if set(override_args) - {'dropout'}:
             raise ValueError(f"from_pretrained: only 'dropout' can be overridden, got {sorted(override_args)}")
         if model_type not in {'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'} and not os.path.isdir(model_type):
@@ -275,13 +269,10 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
-# Dense peak throughput per GPU in FLOP/s (NVIDIA datasheets, without 2:4 sparsity), by a fragment
-# of torch.cuda.get_device_name(), checked in order: (bf16/fp16, tf32, fp32 without tensor cores).
-# fp32 training runs its matmuls on the tensor cores in TF32 only when TF32 is enabled
-# (torch.backends.cuda.matmul.fp32_precision == 'tf32'), and at the much lower fp32 rate otherwise:
-# dividing by the wrong one of the two would misstate MFU by a factor of 8 to 15.
-# The H100 NVL and H200 NVL are listed with no figure: NVIDIA's datasheet revisions disagree on
-# them (835 vs 989 bf16 TFLOP/s), and no MFU is better than a wrong one.
+# Dense peak FLOP/s per GPU (NVIDIA datasheets, without 2:4 sparsity), by a fragment of
+# torch.cuda.get_device_name(), checked in order: (bf16/fp16, tf32, fp32 without tensor cores).
+# fp32 matmuls run at the TF32 rate only where TF32 is enabled: the wrong one misstates MFU 8-15x.
+# The H100 NVL and H200 NVL have no figure: NVIDIA's datasheets disagree (835 vs 989 bf16 TFLOP/s).
 PEAK_FLOPS = [
     ('a100',          (312e12, 156e12, 19.5e12)),
     ('h100 pcie',     (756e12, 378e12, 51e12)),
