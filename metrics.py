@@ -1,10 +1,6 @@
 """
-What a run reports: the printed lines and out_dir/metrics.jsonl, one JSON object per line
-(compare.py reads it), mirrored to wandb when enabled.
-
-Rows: 'config' once per start (the resolved config, the model's arguments), 'eval' at every
-evaluation (train/loss, val/loss), 'train' every log_interval iterations (loss, lr, ms/iter,
-tokens/s, MFU, norms, peak memory, and what the optimizer adds: optimizers.py, report).
+What a run reports: the printed lines and out_dir/metrics.jsonl, rows of kind 'config' (at each
+start), 'eval', 'train' (every log_interval iterations) and 'summary'.
 """
 
 import json
@@ -18,8 +14,7 @@ import torch.distributed as dist
 from distributed import whole
 
 class MetricsLog:
-    """The run's local log, out_dir/metrics.jsonl, one JSON object per line (read by compare.py),
-    mirrored to wandb when enabled."""
+    """out_dir/metrics.jsonl, one JSON object per line (read by compare.py), mirrored to wandb."""
     def __init__(self, path, wandb_run):
         self.path, self.wandb_run = path, wandb_run
         self.set_cut_line_aside()
@@ -124,8 +119,7 @@ def describe_batch(run):
     return line + run.recipe.describe(run)
 
 def summary(run, state, wall_seconds, log):
-    """The block that closes a finished training run, and its row in metrics.jsonl: what it
-    reached, what it cost, where its checkpoints are, and what to run next."""
+    """The lines that close a finished training run, and its row in metrics.jsonl."""
     out_dir = run.config['out_dir']
     best = os.path.join(out_dir, 'best.pt')
     row = {'kind': 'summary', 'iter': state.iter_num, 'tokens': state.iter_num * run.tokens_per_iter,
