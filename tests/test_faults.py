@@ -752,7 +752,9 @@ def test_a_finished_run_exits_0_on_every_process_under_load(tmp_path, dataset):
     on a loaded machine, process 1 aborted at exit after its run had finished (`terminate called
     without an active exception`) and torchrun reported the job failed; this repeats that exit, with
     DDP and with FSDP (whose checkpoint writes run threads of their own)."""
-    load = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(os.cpu_count() or 2)]
+    # busy until the test's process is gone, even where a killed pytest never reaches `finally`
+    busy = f'import os\nwhile os.getppid() == {os.getpid()}: pass'
+    load = [subprocess.Popen([sys.executable, '-c', busy]) for _ in range(os.cpu_count() or 2)]
     try:
         for n, data_parallel in enumerate(('ddp', 'fsdp', 'ddp')):
             out = str(tmp_path / f'out{n}')

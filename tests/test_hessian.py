@@ -121,7 +121,10 @@ def test_hutchinson_ema_is_the_estimate_of_the_pass(dataset, tmp_path):
     stored = hessians(state, model)
     assert any(e.lt(0).any() for e in total)  # Hutchinson estimates can be negative: kept as they are
     for name, estimate in zip(names, total):
-        torch.testing.assert_close(stored[name], 0.5 * estimate, rtol=1e-4, atol=1e-9, msg=lambda m: f"{name}: {m}")
+        # float sums in another order (the run's threads) move entries by up to ~1.5e-8 in
+        # tensors whose largest entry is 0.05-5: entries near zero fail any relative tolerance
+        torch.testing.assert_close(stored[name], 0.5 * estimate, rtol=1e-4, atol=1e-6 * estimate.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
 
 @pytest.mark.parametrize('hess_micro_steps, bs', [(0, 2 * 4 * 32), (1, 1 * 4 * 32)])
 def test_steps_take_bs_the_hessian_batch_tokens(dataset, tmp_path, monkeypatch, capsys, hess_micro_steps, bs):
