@@ -137,6 +137,26 @@ def test_fast_paths_match_reference(fused_cpu, flags, dtype, maximize):
     assert_same_trajectory(actual, expected)
 
 
+
+@pytest.mark.parametrize("flags", [dict(foreach=True), dict(fused=True)], ids=["foreach", "fused"])
+def test_fast_paths_update_each_dtype_in_a_bucket_of_its_own(fused_cpu, flags):
+    """float32 and bfloat16 parameters interleaved in one optimizer: the fast paths split them by
+    dtype, and every tensor ends bit for bit as the reference leaves it."""
+    def run(**implementation):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=g).to(dtype).requires_grad_()
+                  for n, dtype in ((5, torch.float32), (6, torch.bfloat16), (7, torch.float32), (3, torch.bfloat16))]
+        opt = SophiaG(params, lr=0.1, rho=0.05, betas=BF16_EXACT_BETAS, **implementation)
+        for it in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            if it == 1:
+                opt.update_hessian()
+            opt.step(bs=10)
+        return [p.detach() for p in params] + [opt.state[p][key] for p in params for key in ("exp_avg", "hessian")]
+    for actual, expected in zip(run(**flags), run(foreach=False)):
+        assert_bitwise_equal(actual, expected)
+
 def mixed_values(n, scale, generator, special=()):
     """n values around `scale` over six decades, both signs, with about one in eight replaced by zeros,
     subnormals, the largest floats or `special`."""
