@@ -98,7 +98,7 @@ CPU = Suite(
                 checkpoint_interval=200),
     adam_lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
     sophia_lrs=(1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
-    muon_lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),  # AdamW's grid
+    muon_lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),  # AdamW's grid, and one step past its top
     rho=0.05,  # the recommended value (official GPT-2 small)
     rho_sweep=(0.02, 0.2, 1.0),
     seeds=(1337, 1338, 1339), ablation=False, committed=False)

@@ -333,7 +333,7 @@ def plant_cpu_run(root, spec, final, seconds_per_iter, win_rate=None):
     (folder / 'metrics.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
 
 def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
-    """The cpu study's 25 runs planted with known losses: AdamW's best learning rate is the
+    """The cpu study's 26 runs planted with known losses: AdamW's best learning rate is the
     largest of its sweep (a note says so), Sophia-G's best is rho 0.2 from the rho sweep, Muon's
     best 0.004; per seed Sophia-G reaches AdamW's final loss at 768 and 777 iterations and not at
     all with seed 1339, Muon at 784 and 787 and not with seed 1339."""
@@ -348,7 +348,7 @@ def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
         plant_cpu_run(root, Spec('sophiag', lr, 0.05, 1337), final, 0.55, win_rate=0.2)
     for rho, final in zip(study.CPU.rho_sweep, (1.72, 1.5, 1.65)):
         plant_cpu_run(root, Spec('sophiag', 5e-4, rho, 1337), final, 0.55, win_rate=0.03)
-    for lr, final in zip(study.CPU.muon_lrs, (1.9, 1.7, 1.55, 1.65, 1.8)):
+    for lr, final in zip(study.CPU.muon_lrs, (1.9, 1.7, 1.55, 1.65, 1.8, 1.85), strict=True):
         plant_cpu_run(root, Spec('muon', lr, None, 1337), final, 0.6)
     for seed, adam_final, sophia_final, win_rate, muon_final in ((1338, 1.62, 1.55, 0.05, 1.58),
                                                                  (1339, 1.58, 1.65, 0.04, 1.6)):
@@ -363,8 +363,8 @@ def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
     assert (root / 'assets' / 'study.md').read_text() == text
     for plot in ('study_val_loss.png', 'study_train_loss.png'):
         assert (root / 'assets' / plot).read_bytes().startswith(b'\x89PNG') and f'assets/{plot}' in result.stdout
-    # 7 x 400 s of AdamW, 11 x 440 s of Sophia-G and 7 x 480 s of Muon over the 25 runs: 183 minutes
-    assert '183 minutes of training summed over the runs, two at\na time' in text
+    # 7 x 400 s of AdamW, 11 x 440 s of Sophia-G and 8 x 480 s of Muon over the 26 runs: 191 minutes
+    assert '191 minutes of training summed over the runs, two at\na time' in text
     assert '4 layers, 4 heads, 128 wide, 64-character\ncontext, 32 sequences per step (2,048 tokens)' in text
     assert 'Sophia-G did not reach AdamW\'s final val loss within 800 iterations in 1 of 3 seeds; where it did, ' \
            'the speed-up was 1.04×, 1.03×.' in text
@@ -374,7 +374,7 @@ def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
     assert '| adamw | 0.016 | — | 1.6000 **(best)** |' in text and '| adamw | 0.008 | — | 1.7000 |' in text
     assert '| sophiag | 0.0005 | 0.05 | 1.7000 |' in text and '| sophiag | 0.0005 | 0.2 | 1.5000 **(best)** |' in text
     assert '| muon | 0.004 | — | 1.5500 **(best)** |' in text and '| muon | 0.016 | — | 1.8000 |' in text
-    assert text.count('**(best)**') == 3 and text.count('\n| sophiag | ') == 6 + 3 and text.count('\n| muon | ') == 5
+    assert text.count('**(best)**') == 3 and text.count('\n| sophiag | ') == 6 + 3 and text.count('\n| muon | ') == 6
     assert ("Note: adamw's best learning rate (0.016) is the largest of its sweep: the optimum may lie beyond "
             "it.") in text
     assert 'Best AdamW (lr 0.016) and best Sophia-G (lr 0.0005, rho 0.2) over three seeds' in text
@@ -421,7 +421,7 @@ def test_cpu_report_from_finished_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', ['study.py', '--dry_run', f'--root={root}'])
     study.main()
     plan = capsys.readouterr().out
-    assert plan.count('   done    ') == 24 and plan.count('   to run  ') == 1
+    assert plan.count('   done    ') == 25 and plan.count('   to run  ') == 1
     to_run = next(line for line in plan.splitlines() if line.startswith('   to run  '))
     assert to_run.startswith('   to run  python train_adam.py ') and '--learning_rate=0.016' in to_run
     assert '--seed=1339' in to_run and f"--out_dir={root / 'out-study' / 'adamw-lr0.016-seed1339'}" in to_run
