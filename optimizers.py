@@ -3,13 +3,20 @@ The optimizers the training scripts train, each behind one small interface, a re
 loop (trainer.py) names none of them: AdamWRecipe (train_adam.py), SophiaGRecipe (train_sophiag.py)
 and MuonRecipe (train_muon.py).
 
-A recipe's class methods serve the config and checkpoints: defaults(), check(config, checks,
-world_size), official_keys(), foreign_keys(), parameter_groups(model) (by name: the layout of its
-state in checkpoints). An instance, Recipe(config, plan), serves one run: build(model,
-device_type) the optimizer, step(run), after_step(run, iter_num, first) (an extra pass, returning
-the training sequences it drew), diagnostics(run) and report(...) (log rows and lines),
-describe(run) (the batch arithmetic line) and extra_tokens_per_iter(run) (for MFU). A parameter
-group may carry 'lr_scale', its peak learning rate over learning_rate (trainer.set_lr).
+What a recipe gives the loop:
+
+    defaults(), check(config, checks, world_size)   its config keys and their checks; its own keys
+    official_keys(), foreign_keys()                 exist in its script only (others refuse them)
+    parameter_groups(model)                         by name: the layout of its state in checkpoints
+    recipe = Recipe(config, plan)                   then, for one run:
+    build(model, device_type)                       the optimizer
+    step(run)                                       the step, through the GradScaler
+    after_step(run, iter_num, first)                an extra pass (Sophia's Hessian pass); returns
+                                                    the training sequences it drew
+    diagnostics(run), report(...)                   what it adds to the log rows and lines
+    describe(run), extra_tokens_per_iter(run)       its batch arithmetic line; its tokens, for MFU
+
+A parameter group may carry 'lr_scale', its peak learning rate over learning_rate (trainer.set_lr).
 """
 
 import math

@@ -298,7 +298,7 @@ def _fused_kernels(device_type):
             elif device_type == "cuda":
                 if triton is None:
                     raise RuntimeError("triton is not installed")
-                _kernels[device_type] = triton  # the kernels below; launched by _triton_step & co.
+                _kernels[device_type] = triton  # the kernels below; launched by _launch
             else:
                 raise RuntimeError(f"no fused kernel for device type {device_type!r}")
         except (RuntimeError, OSError) as error:
