@@ -2,15 +2,12 @@
 SophiaG: a clipped, diagonal second-order optimizer for language-model pretraining
 (Liu, Li, Hall, Liang, Ma 2023, arXiv 2305.14342), with Sophia-H (Hutchinson) support.
 
-Three implementations of one update, chosen like torch.optim's flags: the reference
-(foreach=False), the ground truth the others are tested against; foreach (foreach=True), the same
-ops with torch._foreach_*; fused (fused=True), one pass over memory per tensor: a C++/OpenMP kernel
-on CPU (compiled on first use and cached), a Triton kernel per param group on CUDA. The default is
-fused where it can be built, else foreach (with one warning saying why).
+One update, three implementations picked by torch.optim's flags: the reference (foreach=False),
+the ground truth the others are tested against; foreach, the same ops with torch._foreach_*; fused,
+one pass over memory per tensor (C++/OpenMP on CPU, Triton on CUDA).
 
 Hessian-diagonal estimators for update_hessian(): sampled_label_loss() (Gauss-Newton-Bartlett,
-Sophia-G; its labels from sample_labels(), which the training loop runs too) and
-hutchinson_hessian() (u * (H u) with Rademacher u, Sophia-H).
+Sophia-G; labels from sample_labels(), which the training loop runs too) and hutchinson_hessian().
 """
 
 import contextlib
@@ -41,14 +38,12 @@ EPS = 1e-15  # keeps m / (rho * bs * h + EPS) finite where h = 0 (the official c
 
 
 def _local(tensor):
-    """The local shard of a DTensor (FSDP2's parameters, gradients, state), or the tensor: every
-    update is elementwise, so each process updates its own shards with any implementation."""
+    """The local shard of a DTensor (FSDP2), or the tensor: every update is elementwise."""
     return tensor.to_local() if DTensor is not None and isinstance(tensor, DTensor) else tensor
 
 # -----------------------------------------------------------------------------
-# Reference implementation: one tensor at a time, written as the math reads.
-# The fast paths below perform exactly these ops in this order, so they agree to the last bit
-# wherever they round like ATen does (they do on x86 CPUs; see tests/test_sophia.py).
+# Reference implementation: one tensor at a time, as the math reads. The fast paths below perform
+# these ops in this order, so they agree to the last bit wherever they round like ATen (x86 CPUs).
 
 def _single_tensor_step(params, grads, exp_avgs, hessians, steps, *, lr, beta1, rho, weight_decay, bs, maximize):
     for param, grad, exp_avg, hessian, step in zip(params, grads, exp_avgs, hessians, steps):
@@ -57,8 +52,7 @@ def _single_tensor_step(params, grads, exp_avgs, hessians, steps, *, lr, beta1, 
         step += 1
         param.mul_(1 - lr * weight_decay)  # decoupled weight decay, before the update
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        # clip(m / (rho*bs*h+ + eps), -1, 1), written as sign(m) * min(|m| / (rho*bs*h+ + eps), 1);
-        # h+ = max(h, 0) only matters for Hutchinson estimates, GNB keeps h >= 0
+        # clip(m / (rho*bs*h+ + eps), -1, 1) as sign(m) * min(|m| / (...), 1); h+ = max(h, 0)
         denom = hessian.clamp(min=0) * (rho * bs) + EPS
         ratio = (exp_avg.abs() / denom).clamp(max=1)
         param.addcmul_(exp_avg.sign(), ratio, value=-lr)
@@ -73,8 +67,7 @@ def _single_tensor_update_hessian(hessians, estimates, *, beta2, square):
             hessian.add_(estimate, alpha=1 - beta2)
 
 # -----------------------------------------------------------------------------
-# foreach implementation: the same ops over lists; each _foreach_ call is one kernel launch per
-# (device, dtype) bucket on CUDA instead of one per tensor.
+# foreach implementation: the same ops over lists, each call one launch per (device, dtype) on CUDA.
 
 def _split(tensor_lists, key):
     """Split parallel tensor lists by key(the tensors at one index): {key: the lists' parts}."""
@@ -92,9 +85,8 @@ def _by_device_and_dtype(*tensor_lists):
 
 
 def _multiplier(value, device):
-    """A scalar for _foreach_mul_. The CPU foreach kernels round a Python scalar multiplier to the
-    tensors' dtype first (bf16: 0.99 -> 0.98828125), unlike tensor.mul_(0.99); a float32 tensor
-    keeps it in float, as the reference computes."""
+    """A scalar for _foreach_mul_: CPU foreach rounds a Python scalar to the tensors' dtype (bf16:
+    0.99 -> 0.98828125), unlike mul_(0.99); a float32 tensor keeps it in float, as the reference."""
     return torch.tensor(value, dtype=torch.float32) if device.type == "cpu" else value
 
 
@@ -126,14 +118,12 @@ def _multi_tensor_update_hessian(hessians, estimates, *, beta2, square):
             torch._foreach_add_(hessians, estimates, alpha=1 - beta2)
 
 # -----------------------------------------------------------------------------
-# Fused CPU kernel: C++ without torch headers, so the first-use compile takes a second, not a torch
-# extension's minute; loaded with ctypes, which releases the GIL during the call. Each element is
-# read and written once. Every intermediate is rounded to the storage dtype where the reference
-# rounds, and multiply-adds are fused exactly where ATen fuses them (its vectorized add-with-alpha
-# and addcmul use FMA when the CPU has it; -ffp-contract=off stops any other fusing), so results
-# match the reference bit for bit but for an ATen quirk: in bf16 its add_(other, alpha) rounds
-# alpha*other to bf16 first in the scalar loop that ends each thread's range (numel mod 64 elements
-# with AVX-512), so there m (and h, θ) can be one bf16 rounding off; the kernel rounds once.
+# Fused CPU kernel: C++ without torch headers (compiles in a second, not a torch extension's
+# minute), loaded with ctypes (which releases the GIL); one read and write per element. It rounds
+# to the storage dtype where the reference rounds and fuses multiply-adds only where ATen does
+# (FMA in vectorized add-with-alpha and addcmul; -ffp-contract=off stops other fusing): bit for bit
+# but for an ATen quirk, bf16 add_(other, alpha) rounding alpha*other first in the scalar tail of
+# each thread's range (numel mod 64 with AVX-512), where m, h, θ can be one bf16 rounding off.
 
 _CPU_SOURCE = r"""
 #include <algorithm>
@@ -170,10 +160,8 @@ static inline float mul_add(float a, float b, float c) {  // a * b + c, rounded 
 
 struct StepArgs { float decay, beta1, one_minus_beta1, rho_bs, eps, neg_lr; int maximize; };
 
-// The loops below have no branches, only arithmetic and selects, so GCC vectorizes them (-fopt-info-vec
-// says so; a sign computed on ints, (m > 0) - (m < 0), had kept the bf16 step scalar and 5-8x slower).
-// Vector mul, div, fma and compare-and-select round each lane like the scalar instructions of the
-// loop's remainder, so an element gets the same bits wherever it falls.
+// Branch-free loops (arithmetic, selects), so GCC vectorizes them: a sign computed on ints kept the
+// bf16 step scalar, 5-8x slower. Vector lanes round like the scalar remainder: same bits anywhere.
 template <typename T>
 static void step_range(T* p, const T* g, T* m, const T* h, int64_t begin, int64_t end, const StepArgs& a) {
   // maximize: (1 - beta1) * (-g) and (-(1 - beta1)) * g are the same exact product
@@ -190,9 +178,8 @@ static void step_range(T* p, const T* g, T* m, const T* h, int64_t begin, int64_
     float denom = round_to<T>(round_to<T>(rho_bs * hess) + eps);
     float ratio = round_to<T>(std::fabs(avg) / denom);
     ratio = ratio > 1.f ? 1.f : ratio;  // min(ratio, 1) keeping NaN, as clamp(max=1)
-    // The reference's (-lr * sign(m)) * ratio. With sign(m) = ±1 that is the exact product
-    // -lr * (±ratio); where m is ±0 or NaN, sign(m) = 0 and ratio is 0 or NaN already, so -lr * ratio
-    // is the same signed zero or NaN. Two instructions fewer per vector than building sign(m).
+    // the reference's (-lr * sign(m)) * ratio, 2 instructions/vector fewer than building sign(m):
+    // exactly -lr * (±ratio) for sign(m) = ±1; for m = ±0 or NaN, ratio is 0 or NaN: same result.
     store(p, i, round_to<T>(mul_add(neg_lr, avg < 0.f ? -ratio : ratio, param)));
     store(m, i, avg);
   }
@@ -207,8 +194,7 @@ static void ema_range(T* h, const T* e, int64_t begin, int64_t end, float beta2,
   }
 }
 
-// Split all tensors into chunks and hand the chunks to threads in one parallel region, so a
-// list of many small tensors (layer norms) costs one fork/join, not one per tensor.
+// All tensors' chunks go to threads in one parallel region: one fork/join per list, not per tensor.
 template <typename F>
 static void for_each_chunk(int64_t n, const int64_t* numels, int num_threads, F f) {
   const int64_t chunk = 1 << 16;
@@ -321,9 +307,8 @@ def _fusable(tensors):
 
 
 def _aten_cpu_addend(value, dtype):
-    """The scalar as ATen's CPU add_ uses it: its alpha, or a Python-number operand, is first
-    converted to the tensor's dtype (for bf16 1 - 0.965 becomes 0.0349121), whereas mul_ and
-    addcmul_ keep scalars in float. The CPU kernel takes the same scalars to match the reference."""
+    """The scalar as ATen's CPU add_ uses it: alpha or a number operand in the tensor's dtype (bf16:
+    1 - 0.965 -> 0.0349121; mul_, addcmul_ keep float). The CPU kernel takes it to match."""
     return torch.tensor(value, dtype=dtype).item()
 
 
@@ -357,12 +342,10 @@ def _fused_update_hessian(hessians, estimates, *, beta2, square):
                 _numels(hessians), beta2, weight, square, torch.get_num_threads())
 
 # -----------------------------------------------------------------------------
-# Fused CUDA kernels (Triton). One launch covers every tensor of a (param group, dtype): a table
-# on the device holds each tensor's addresses, size and first block, and each program finds its
-# tensor through a block -> tensor map (cached per list of sizes). The hyperparameters are runtime
-# float arguments, so a learning-rate schedule never triggers a recompile. Math in fp32, rounded
-# to the storage dtype where the reference rounds; the GPU may fuse multiply-adds differently
-# from ATen, so agreement with the reference is to a few ulps, not bitwise.
+# Fused CUDA kernels (Triton): one launch per (param group, dtype); each program finds its tensor
+# through a block -> tensor map and a device table of addresses, sizes and first blocks. Scalars are
+# runtime arguments, so an lr schedule never recompiles. fp32 math rounded where the reference
+# rounds; the GPU may fuse multiply-adds unlike ATen, so results agree to a few ulps, not bitwise.
 
 _BLOCK = 4096  # elements per program
 _block_maps = {}  # (device, sizes) -> (block -> tensor map, first block of each tensor)
@@ -467,33 +450,28 @@ class SophiaG(torch.optim.Optimizer):
 
     and at every ``update_hessian()`` (every k steps, in the official loop k = 10)::
 
-        h ← β2 · h + (1 − β2) · ĝ ⊙ ĝ      (GNB, Sophia-G: ĝ = .grad after backward of
-                                              sampled_label_loss(logits), see below)
-        h ← β2 · h + (1 − β2) · ĥ          (``update_hessian(hessian_estimates=ĥ)``, e.g.
-                                              hutchinson_hessian(), Sophia-H)
+        h ← β2 · h + (1 − β2) · ĝ ⊙ ĝ      (GNB, Sophia-G: ĝ = .grad of sampled_label_loss(logits))
+        h ← β2 · h + (1 − β2) · ĥ          (``hessian_estimates=ĥ``: hutchinson_hessian(), Sophia-H)
 
     A coordinate whose |m| ≥ ρ·bs·h⁺ is clipped and moves by lr·sign(m); the others move by
-    lr·m/(ρ·bs·h), a Newton-like step. While h = 0 (before the first Hessian update) every
-    coordinate is clipped: signed momentum. For GNB h ≥ 0 and h⁺ = h, the official update; for
-    Hutchinson estimates h can be negative and such a coordinate takes the full signed step
-    (the paper's max(γh, ε)).
+    lr·m/(ρ·bs·h), a Newton-like step. While h = 0 (before the first Hessian update) all are
+    clipped: signed momentum. GNB keeps h ≥ 0 (the official update); a Hutchinson h ≤ 0 takes the
+    full signed step (the paper's max(γh, ε)).
 
-    Units of ``bs``. ρ·bs·h must be the curvature of the *mean* loss. For GNB, h holds an EMA of
-    ĝ⊙ĝ, ĝ the gradient of the mean loss over the B tokens of the Hessian pass's batch, and B·ĝ⊙ĝ
-    estimates the Gauss-Newton diagonal: so ``bs = B``, micro-batches × batch_size × block_size ×
-    ranks when accumulation divides the loss by the micro-batches and DDP averages over ranks (the
-    official loop's Hessian batch is a training step's, 480·1024 = 491,520 tokens). For estimates
-    that already are Hessian diagonals of the mean loss (Hutchinson) pass ``bs=1``. Clipping ĝ
-    (clip_grad_norm_) before update_hessian() rescales h.
+    Units of ``bs``: ρ·bs·h must be the curvature of the *mean* loss. For GNB, h is an EMA of ĝ⊙ĝ,
+    ĝ the mean loss's gradient over the B tokens of the Hessian batch, and B·ĝ⊙ĝ estimates the
+    Gauss-Newton diagonal: ``bs = B`` = micro-batches × batch_size × block_size × ranks when
+    accumulation divides the loss by the micro-batches and DDP averages (official loop: a training
+    step's batch, 480·1024 = 491,520 tokens). Estimates that already are Hessian diagonals of the
+    mean loss (Hutchinson): ``bs=1``. clip_grad_norm_ on ĝ before update_hessian() rescales h.
 
     Effective β2: h moves only at Hessian updates, every k steps, so β2 per update is
     β2^(1/k) per step, a horizon of k/(1 − β2) steps (0.99 with k = 10: 0.999, about 1000 steps).
 
     Win rate (``diagnostics()['win_rate']``, the official ``train/win_rate``): the fraction of
-    coordinates *not* clipped, |m| < ρ·bs·h⁺; larger ρ, larger win rate, smaller updates. Healthy:
-    0.1–0.5, peaking early, then stable. Near 0 almost every coordinate takes lr·sign(m) and the
-    curvature goes unused: raise ρ (and check bs). Near 1 the clip guards nothing: lower ρ. If the
-    loss blows up, lower lr or raise ρ.
+    coordinates *not* clipped; larger ρ, larger win rate, smaller updates. Healthy: 0.1–0.5, peaking
+    early, then stable. Near 0 the curvature goes unused (steps are lr·sign(m)): raise ρ, check bs.
+    Near 1 the clip guards nothing: lower ρ. If the loss blows up, lower lr or raise ρ.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -503,13 +481,10 @@ class SophiaG(torch.optim.Optimizer):
         rho (float): ρ, the clipping threshold scale (default 0.04; 0.05 for GPT-2 small).
         weight_decay (float): decoupled weight decay (default 0.1).
         maximize (bool): maximize the objective instead of minimizing it (default False).
-        capturable (bool): keep the step counter on the parameters' device, so no step
-            touches the host (CUDA graphs) (default False).
-        foreach (bool, optional): True: multi-tensor torch._foreach_* implementation; False: the
-            single-tensor reference. (default None)
-        fused (bool, optional): True: one fused pass per tensor (C++ on CPU, Triton on CUDA),
-            raising if it cannot be built. With both flags None the fused kernel is used where it
-            can be built, otherwise foreach after one warning. (default None)
+        capturable (bool): step counter on the parameters' device, for CUDA graphs (default False).
+        foreach (bool, optional): True: torch._foreach_* ops; False: the reference. (default None)
+        fused (bool, optional): True: one fused pass per tensor, raising if it cannot be built. Both
+            flags None: fused where it can be built, else foreach after one warning. (default None)
     """
 
     def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, *,
@@ -582,8 +557,7 @@ class SophiaG(torch.optim.Optimizer):
         return "foreach"
 
     def _split_by_implementation(self, group, tensor_lists):
-        """Split parallel lists (params, grads, exp_avgs, hessians, steps) by implementation;
-        the choice looks at the first four (the step counter is a float32 scalar anywhere)."""
+        """Split parallel lists (params, grads, exp_avgs, hessians, steps) by implementation."""
         return _split(tensor_lists, lambda ts: self._implementation(group, ts[:4])).items()
 
     @torch.no_grad()
@@ -619,9 +593,8 @@ class SophiaG(torch.optim.Optimizer):
     def update_hessian(self, hessian_estimates=None):
         """h ← β2·h + (1−β2)·ĝ⊙ĝ from each .grad (GNB), or h ← β2·h + (1−β2)·ĥ from hessian_estimates.
 
-        hessian_estimates: None, or one estimate of the Hessian diagonal (or None, to skip) per
-        parameter of param_groups, in order. Parameters without an estimate (or .grad, for GNB) are
-        left alone. Creates missing state, so it may come before the first step()."""
+        hessian_estimates: None, or one Hessian-diagonal estimate per parameter of param_groups, in
+        order; None (or no .grad, for GNB) skips one. Creates missing state: may precede step()."""
         all_params = [p for group in self.param_groups for p in group["params"]]
         if hessian_estimates is not None:
             hessian_estimates = list(hessian_estimates)
@@ -650,17 +623,14 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def diagnostics(self, bs=None):
-        """Dict of 0-dim float32 tensors on the parameters' device, computed without host syncs
-        (read them at most once per log interval): win_rate, the fraction of coordinates not
-        clipped, |m| < ρ·bs·h⁺ (+ε), with bs of the last step() unless given (the official
-        train/win_rate); hessian_norm and hessian_norm2, L1 and L2 of all h; momentum_norm, L2 of m.
-        """
+        """A dict of 0-dim float32 tensors on the params' device, without host syncs (read at most
+        once per log interval): win_rate, the fraction not clipped, |m| < ρ·bs·h⁺ + ε (bs: the last
+        step()'s if None); hessian_norm, hessian_norm2: L1, L2 of all h; momentum_norm: L2 of m."""
         bs = self.last_bs if bs is None else bs
         if bs is None:
             raise ValueError("SophiaG.diagnostics(): no step() taken since construction or loading; pass bs=")
-        # per-tensor values on each process's shards, summed per sharding (None: whole tensors);
-        # sharded sums are then added up over the processes holding different shards (not over
-        # HSDP's replicas), so the values are those of the whole model, as without sharding
+        # sums per sharding (None: whole tensors) over this process's shards, then over processes
+        # with different shards (not HSDP's replicas): whole-model values, as without sharding
         by_sharding, numel = {}, 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -710,15 +680,13 @@ def _gumbel_argmax(z, generator):
 
 
 def sample_labels(logits, generator=None):
-    """One label per row of logits (..., V), drawn from softmax(logits), in two exact stages: a
-    chunk of c entries (c: the smallest divisor of V >= sqrt(V)) with probability proportional to
-    exp(logsumexp of its logits), then an entry from the chunk's softmax, each a Gumbel-max
-    (argmax(z + G), G = -log(-log(U)), U uniform in [0, 1), is distributed as softmax(z)). Random
-    numbers for V/c + c entries per row instead of V are what makes it cheap on a GPU (GPT-2's 50304
-    = 192 chunks of 262); the full-size work is one read of the logits. No gradient flows through
-    the draw. In float32 G <= 16.6, so an entry ~17 nats below the largest of its group (p < 1e-7)
-    is drawn slightly too rarely. generator: a torch.Generator on the logits' device, or None for
-    the global RNG (torch.compile-friendly)."""
+    """One label per row of logits (..., V), drawn from softmax(logits) in two exact Gumbel-max
+    draws: a chunk of c entries (c: the smallest divisor of V >= sqrt(V)) with probability
+    proportional to exp(logsumexp of its logits), then an entry of its softmax. V/c + c random
+    numbers per row instead of V make it cheap on a GPU (GPT-2's 50304 = 192 chunks of 262); the
+    full-size work is one read of the logits. No gradient flows. float32 Gumbel noise is <= 16.6,
+    so an entry ~17 nats below its group's largest (p < 1e-7) is drawn slightly too rarely.
+    generator: on the logits' device, or None for the global RNG (torch.compile-friendly)."""
     V = logits.size(-1)
     c = next(d for d in range(math.isqrt(V - 1) + 1, V + 1) if V % d == 0)
     chunks = logits.detach().float().reshape(-1, V // c, c)
@@ -728,23 +696,21 @@ def sample_labels(logits, generator=None):
 
 
 def sampled_label_loss(logits, generator=None):
-    """Mean cross-entropy of logits (..., V) against labels drawn from softmax(logits) per position
-    (sample_labels). Backpropagate it and call update_hessian(): the .grad ĝ gives the
-    Gauss-Newton-Bartlett estimate B·ĝ⊙ĝ of the Gauss-Newton diagonal of the mean loss over the B
-    positions (Sophia-G; pass step(bs=B)), unbiased because the per-position gradients have mean
-    zero under the model's own labels. generator: a torch.Generator on logits' device."""
+    """Mean cross-entropy of logits (..., V) against labels from sample_labels(). Backpropagate it,
+    call update_hessian(): B·ĝ⊙ĝ, ĝ the .grad, is the Gauss-Newton-Bartlett estimate of the
+    Gauss-Newton diagonal of the mean loss over B positions (pass step(bs=B)), unbiased since each
+    position's gradient has mean zero under the model's own labels. generator: as sample_labels."""
     labels = sample_labels(logits, generator)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
 
 
 def hutchinson_hessian(loss, params, generator=None):
     """Hutchinson estimate u ⊙ (H u) of the Hessian diagonal of loss, one tensor per param: u has
-    independent ±1 (Rademacher) entries, H u is a Hessian-vector product by double backward, and
-    E[u ⊙ (H u)] = diag(H); params the loss does not depend on (or only linearly) get zeros. Sum
-    the estimates of micro-batch losses already divided by their number (and average over ranks),
-    then pass them to update_hessian(hessian_estimates=...) and step with bs=1. Entries can be
-    negative (H is indefinite): the step treats h ≤ 0 as no curvature information.
-    generator: a torch.Generator on the params' device."""
+    ±1 (Rademacher) entries, H u a double-backward Hessian-vector product, E[u ⊙ (H u)] = diag(H);
+    params the loss does not depend on (or only linearly) get zeros. Sum the estimates of
+    micro-batch losses already divided by their number (and average over ranks), pass them as
+    hessian_estimates to update_hessian() and step with bs=1. Entries can be negative (H is
+    indefinite): the step treats h ≤ 0 as no curvature. generator: on the params' device."""
     params = list(params)
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     # only gradients that depend on the params again can be differentiated a second time
