@@ -118,29 +118,24 @@ class SignalFlag:
 
     def __init__(self):
         self.signum, self.when = 0, 0.0
-        self.restore = None
+        self.installed = None  # what uninstall() restores, and the pipe's write end it closes
 
     def install(self):
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)  # the C-level handler must never block on a full pipe
-        previous = {signum: signal.signal(signum, self.ignore) for signum in STOP_SIGNALS}
-        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        # the Python-level handlers do nothing: the watcher thread has acted already
+        previous = {signum: signal.signal(signum, lambda *_: None) for signum in STOP_SIGNALS}
+        self.installed = previous, signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False), write_fd
         threading.Thread(target=self.watch, args=(read_fd,), name='signal-watcher', daemon=True).start()
-        def restore():
+
+    def uninstall(self):
+        if self.installed is not None:
+            previous, previous_fd, write_fd = self.installed
             signal.set_wakeup_fd(previous_fd)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             os.close(write_fd)  # the watcher reads the end of the pipe and returns
-        self.restore = restore
-
-    def uninstall(self):
-        if self.restore is not None:
-            self.restore()
-            self.restore = None
-
-    @staticmethod
-    def ignore(signum, frame):
-        """The Python-level handler: the watcher thread has acted already."""
+            self.installed = None
 
     def watch(self, read_fd):
         with open(read_fd, 'rb', buffering=0) as pipe:
@@ -193,15 +188,11 @@ def end_process_group(status, stopped):
         # gloo ("terminate called without an active exception")
         dist.barrier()
         dist.destroy_process_group()
-        if status == 0:
-            # a finished run has nothing left to do: leave without the interpreter's teardown, in
-            # which native threads and objects could still abort a process under load (seen once
-            # per few hundred 2-process runs of the suite on a loaded 2-core machine)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-    else:
-        # gloo's threads would abort the interpreter's exit (SIGABRT instead of this status)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        if status != 0:
+            return
+    # leave without the interpreter's teardown: after a failure gloo's threads would abort it
+    # (SIGABRT instead of this status); after a finished run native threads and objects still
+    # could under load (seen once per few hundred 2-process runs of the suite on 2 loaded cores)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -63,9 +63,6 @@ class IntervalLog:
             self.clip_count += (grad_norm > run.config['grad_clip']).float()
         self.steps += 1
 
-    def skipped_step(self):
-        self.skipped += 1
-
     def write(self, run, state, lr, log, peak_flops):
         """Called after every iteration; writes a row every log_interval of them."""
         self.iters += 1

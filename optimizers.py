@@ -73,14 +73,10 @@ class Recipe:
                 raise ConfigError(f"{source}: '{key}' is a key of {other.title}, which {other.script} trains; "
                                   f"{cls.script} trains {cls.title} and has no such key")
             return refuse
+        shared = default_config()
         keys = {key: elsewhere(key, other) for other in RECIPES.values() if other is not cls
-                for key in other.own_keys()}
+                for key in other.own_defaults() if key not in shared}
         return {**keys, **cls.official_keys()}
-
-    @classmethod
-    def own_keys(cls):
-        """The keys this optimizer adds to default_config's."""
-        return [key for key in cls.own_defaults() if key not in default_config()]
 
     @staticmethod
     def parameter_groups(model):
@@ -346,12 +342,10 @@ def hutchinson_hessian_pass(run, micro_batches):
 # Muon
 
 class MuonRecipe(Recipe):
-    """Muon (torch.optim.Muon) on the transformer blocks' weight matrices, AdamW on the rest, the
-    usual split (modded-nanogpt; PyTorch's Muon documentation). DDP only: Muon's Newton-Schulz
-    iteration needs whole matrices, which FSDP's shards split. The lr is scaled by each matrix's
-    shape: 'match_rms_adamw' (Moonshot, arXiv 2502.16982: 0.2 * sqrt(max(rows, cols))) gives the
-    update AdamW's RMS, so one learning_rate and weight decay serve both parts; 'original' (Keller
-    Jordan's sqrt(max(1, rows/cols))) wants a Muon lr of its own, 0.02-0.05 (muon_learning_rate)."""
+    """Muon (torch.optim.Muon) on the transformer blocks' weight matrices, AdamW on the rest
+    (train_muon.py says where the recipe comes from). The lr is scaled by each matrix's shape:
+    'match_rms_adamw' (0.2 * sqrt(max(rows, cols)), arXiv 2502.16982) gives the update AdamW's
+    RMS; 'original' (sqrt(max(1, rows/cols))) wants a Muon lr of its own, 0.02-0.05."""
     name, title, script = 'muon', 'Muon', 'train_muon.py'
 
     @staticmethod

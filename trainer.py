@@ -31,6 +31,7 @@ from configurator import (UserError, batch_plan, check_config, default_config, d
                           fit_schedule, format_config, format_help, parse_args, wants_help)
 from distributed import SignalFlag, is_communication_failure, set_gradient_sync, whole
 from metrics import IntervalLog, MetricsLog, describe_batch, summary
+from model import device_peak_flops
 
 class TrainingStopped(Exception):
     """The run stopped on purpose (a signal, too many non-finite iterations); exit status given."""
@@ -148,33 +149,29 @@ def forward_backward(run, first):
         run.scaler.scale(loss).backward()
     return total
 
-def agree_on_flags(run, nonfinite, stop_requested):
-    """One small all-reduce and one host sync per iteration. Returns (nonfinite, stop), the same on
-    every process: whether any saw a non-finite loss or gradient, and the highest signal number
-    any got (`stop_requested`, 0 for none)."""
-    run.flags[0] = nonfinite  # written in place: no new tensor or host-to-device copy per iteration
-    run.flags[1] = float(stop_requested)
-    if run.world_size > 1:
-        dist.all_reduce(run.flags, op=dist.ReduceOp.MAX)
-    nonfinite, stop = run.flags.tolist()
-    return bool(nonfinite), int(stop)
-
 def clip_and_step(run, loss, stop_requested):
-    """Unscale and clip the gradient, agree with the other processes (agree_on_flags), then step,
-    or skip the step (parameters and optimizer state untouched) where any saw a non-finite loss or
-    gradient. Returns (stepped, stop, grad_norm)."""
+    """Unscale and clip the gradient, agree with the other processes, then step, or skip the step
+    (parameters and optimizer state untouched) where any saw a non-finite loss or gradient.
+    Returns (stepped, stop, grad_norm), the same on every process, `stop` the highest signal
+    number any process got (`stop_requested`, 0 for none)."""
     scaler, optimizer = run.scaler, run.optimizer
     scaler.unscale_(optimizer)
     grad_norm = whole(torch.nn.utils.clip_grad_norm_(run.params, run.config['grad_clip'] or math.inf))
     nonfinite = ~torch.isfinite(loss)
     if not scaler.is_enabled():  # under fp16 an inf gradient is the GradScaler's to handle
         nonfinite |= ~torch.isfinite(grad_norm)
-    nonfinite, stop = agree_on_flags(run, nonfinite, stop_requested)
+    # one small all-reduce and one host sync per iteration; run.flags is written in place: no new
+    # tensor or host-to-device copy per iteration
+    run.flags[0] = nonfinite
+    run.flags[1] = float(stop_requested)
+    if run.world_size > 1:
+        dist.all_reduce(run.flags, op=dist.ReduceOp.MAX)
+    nonfinite, stop = run.flags.tolist()
     if not nonfinite:
         run.recipe.step(run)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return not nonfinite, stop, grad_norm
+    return not nonfinite, int(stop), grad_norm
 
 @torch.no_grad()
 def estimate_loss(run):
@@ -357,10 +354,7 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
     started = time.time()
     run, state, model_args, exact = setup(recipe_class, config, sources, plan, rank, world_size,
                                           local_world_size, device, lock)
-    peak = config['peak_flops'] or None
-    if peak is None and device.startswith('cuda'):
-        from model import device_peak_flops
-        peak = device_peak_flops(device, config['dtype'])
+    peak = config['peak_flops'] or device_peak_flops(device, config['dtype'])  # None: no MFU
     wandb_run, log = None, None
     if rank == 0:
         if config['wandb_log']:
@@ -417,7 +411,7 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
             interval.stepped(run, loss, grad_norm)
         else:
             state.nonfinite_in_a_row += 1
-            interval.skipped_step()
+            interval.skipped += 1
             nonfinite_step(run, state)
         # the optimizer's extra pass where due, on sequences of its own
         state.sequences_drawn += run.recipe.after_step(run, state.iter_num, state.sequences_drawn)
