@@ -12,10 +12,8 @@ weight decay 0.1, betas 0.9/0.95, min_lr 3e-5). Any key can be changed by a conf
 --key=value (configurator.py).
 """
 
-import sys
-
 from optimizers import AdamWRecipe
 from trainer import main
 
 if __name__ == '__main__':
-    main(AdamWRecipe, sys.argv[1:], usage=__doc__)
+    main(AdamWRecipe, usage=__doc__)

@@ -21,10 +21,8 @@ decay 0.1, betas 0.9/0.95, min_lr 3e-5) for both parts. Any key can be changed b
 --key=value (configurator.py).
 """
 
-import sys
-
 from optimizers import MuonRecipe
 from trainer import main
 
 if __name__ == '__main__':
-    main(MuonRecipe, sys.argv[1:], usage=__doc__)
+    main(MuonRecipe, usage=__doc__)

@@ -17,10 +17,8 @@ Defaults: GPT-2 small (124M) on OpenWebText with the official Sophia-G hyperpara
 Any key can be changed by a config file or --key=value (configurator.py).
 """
 
-import sys
-
 from optimizers import SophiaGRecipe
 from trainer import main
 
 if __name__ == '__main__':
-    main(SophiaGRecipe, sys.argv[1:], usage=__doc__)
+    main(SophiaGRecipe, usage=__doc__)

@@ -423,9 +423,10 @@ def train(recipe_class, config, sources, notes, plan, rank, world_size, local_wo
     if wandb_run is not None:
         wandb_run.finish()
 
-def main(recipe_class, argv, usage=''):
+def main(recipe_class, argv=None, usage=''):
     """Entry point of the training scripts, for the optimizer of `recipe_class`: errors a user can
-    fix are one line and exit status 2. `usage` heads --help."""
+    fix are one line and exit status 2. `argv`: sys.argv[1:] by default; `usage` heads --help."""
+    argv = sys.argv[1:] if argv is None else argv
     defaults, foreign = recipe_class.defaults(), recipe_class.foreign_keys()
     if wants_help(argv):
         print(format_help(usage, defaults, describe_defaults(default_config, recipe_class.own_defaults))
