@@ -16,8 +16,8 @@ import torch
 from configurator import UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-# independent random streams: training data, the evaluation batches of each split, and the
-# optimizer's extra passes (Sophia's Hessian pass: its batches' sampled labels)
+# independent random streams: training data, each split's evaluation batches, and the optimizer's
+# extra passes (Sophia's Hessian pass: its batches' sampled labels)
 TRAIN_STREAM, EVAL_STREAMS, HESSIAN_STREAM = 0, {'train': 1, 'val': 3}, 2
 
 def data_dir_of(dataset):
@@ -46,16 +46,14 @@ def open_dataset(dataset, block_size, warn=print):
     if os.sep not in dataset and not os.path.isdir(data_dir) and dataset not in PREPARED_BY:
         raise UserError(f"dataset {dataset!r} does not exist: data/ has {', '.join(available_datasets())} "
                         f"(each made by its prepare.py), or give the path of a folder holding train.bin and val.bin")
-    paths = {}
-    for split in ('train', 'val'):
-        path = os.path.join(data_dir, f'{split}.bin')
+    paths = {split: os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')}
+    for path in paths.values():
         if not os.path.exists(path) or os.path.getsize(path) == 0:
             raise UserError(f"{path} is missing or empty; {prepare_command(dataset)}")
         tokens = os.path.getsize(path) // 2
         if os.path.getsize(path) % 2 or tokens <= block_size:
             raise UserError(f"{path} holds {tokens} tokens, too few for block_size={block_size} "
                             f"(or is not a uint16 token file); {prepare_command(dataset)}")
-        paths[split] = path
     vocab_size = None
     meta_path = os.path.join(data_dir, 'meta.pkl')
     if os.path.exists(meta_path):
@@ -92,12 +90,11 @@ def check_token_files(meta, meta_path, paths, dataset, warn):
                             f"another dtype or dataset, or cut short; {prepare_command(dataset)}")
 
 def model_vocab_size(dataset_vocab):
-    """The model's vocabulary for a dataset's (None: no meta.pkl, taken as GPT-2 BPE). A large one
-    is padded to a multiple of 64 (GPT-2's 50257 to 50304, as the official runs and nanoGPT), for
-    faster matmuls on a GPU; a small (character) one is kept, there padding would buy nothing."""
-    if dataset_vocab is None:
-        return 50304
-    return -(-dataset_vocab // 64) * 64 if dataset_vocab >= 1024 else dataset_vocab
+    """The model's vocabulary for a dataset's (None: no meta.pkl, GPT-2 BPE's 50257). A large one is
+    padded to a multiple of 64 (50257 to 50304, as the official runs and nanoGPT) for faster GPU
+    matmuls; a small (character) one is kept, where padding would buy nothing."""
+    vocab = 50257 if dataset_vocab is None else dataset_vocab
+    return -(-vocab // 64) * 64 if vocab >= 1024 else vocab
 
 def check_token_ids(paths, vocab_size, dataset):
     """Token ids beyond the model's vocabulary mean data prepared for another one: checked on the

@@ -1,10 +1,9 @@
 """
-Config for the training scripts, nanoGPT style: defaults, then the arguments left to right, a
-config file (plain Python exec'd over the config so far) or --key=value (read as a Python
-literal; strings need no quotes). Every mistake is one line naming the key, where its value came
-from and what was expected (docs/training.md). Keys of the official Sophia scripts' and nanoGPT's
-configs are translated or checked (`foreign`, optimizers.Recipe.foreign_keys). `--help` lists
-every key with its default and the comment beside it in the defaults' source (describe_defaults).
+Config for the training scripts, nanoGPT style: defaults, then each argument in order, a config
+file (Python exec'd over the config so far) or --key=value (a Python literal; strings need no
+quotes). Every mistake is one line naming the key, where its value came from and what was
+expected (docs/training.md). The official Sophia scripts' and nanoGPT's keys are translated or
+checked (optimizers.Recipe.foreign_keys); --help shows each default and the comment beside it.
 """
 
 import ast
@@ -21,9 +20,7 @@ class UserError(Exception):
 class ConfigError(UserError):
     """A mistake in the config that the user can fix; the message is one line."""
 
-DTYPES = ('float32', 'bfloat16', 'float16')
 PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
-DATA_PARALLEL = ('ddp', 'fsdp', 'hsdp')
 
 # -----------------------------------------------------------------------------
 # the keys
@@ -96,7 +93,6 @@ def default_config():
 # reading config files and arguments
 
 def unknown_key(key, config):
-    """The message for a name that is no config key, with the nearest key as a suggestion."""
     close = difflib.get_close_matches(key, list(config), n=1)
     return f"'{key}' is not a config key" + (f" (did you mean '{close[0]}'?)" if close else "")
 
@@ -151,14 +147,11 @@ def assigned_names(tree):
             found.append((node.id, node.lineno))
         for child in ast.iter_child_nodes(node):
             visit(child)
-    for statement in tree.body:
-        if not isinstance(statement, (ast.Import, ast.ImportFrom)):
-            visit(statement)
+    visit(tree)  # an import binds an ast.alias, no ast.Name: config files may import freely
     return found
 
 def apply_foreign(config, sources, notes, foreign, name, value, source):
-    """A key of another repository's configs: its handler returns the (key, value) pairs it means
-    here and a note that says so, or raises ConfigError."""
+    """Another repository's key: its handler returns the (key, value) pairs it means and a note."""
     settings, note = foreign[name](value, source)
     for key, setting in settings:
         config[key] = coerce(key, setting, config[key], source)
@@ -179,12 +172,9 @@ def apply_config_file(config, sources, path, foreign, notes):
     for name, line in assigned_names(tree):
         if name.startswith('_'):
             continue
-        if name in foreign and name not in config:
-            foreign_line[name] = line
-        elif name not in config:
+        if name not in config and name not in foreign:
             raise ConfigError(f"{path}:{line}: {unknown_key(name, config)}")
-        else:
-            last_line[name] = line
+        (last_line if name in config else foreign_line)[name] = line
     namespace = dict(config)
     try:
         # compiled with the file's name so a traceback points at the config file, not <string>
@@ -192,24 +182,22 @@ def apply_config_file(config, sources, path, foreign, notes):
     except Exception as e:
         raise ConfigError(f"{path}: running the config file failed: {type(e).__name__}: {e}")
     for name, line in last_line.items():
-        source = f"{path}:{line}"
-        config[name] = coerce(name, namespace[name], config[name], source)
-        sources[name] = source
+        config[name] = coerce(name, namespace[name], config[name], f"{path}:{line}")
+        sources[name] = f"{path}:{line}"
     for name, line in foreign_line.items():
         apply_foreign(config, sources, notes, foreign, name, namespace[name], f"{path}:{line}")
 
 def apply_override(config, sources, arg, foreign, notes):
-    """Apply one --key=value argument."""
     if '=' not in arg:
         raise ConfigError(f"argument {arg!r}: expected --key=value")
     key, text = arg[2:].split('=', 1)
-    if key in foreign and key not in config:
+    if key in config:
+        config[key] = parse_value(key, text, config[key], f"argument {arg}")
+        sources[key] = f"argument {arg}"
+    elif key in foreign:
         apply_foreign(config, sources, notes, foreign, key, read_literal(text), f"argument {arg}")
-        return
-    if key not in config:
+    else:
         raise ConfigError(f"argument {arg!r}: {unknown_key(key, config)}")
-    config[key] = parse_value(key, text, config[key], f"argument {arg}")
-    sources[key] = f"argument {arg}"
 
 def parse_args(defaults, argv, foreign=None, notes=None):
     """Defaults, then each argument in order. Returns (config, sources): the values and where each
@@ -269,8 +257,8 @@ def split_advice(total, batch, world_size):
     return f"use a batch_size that divides {per_process} (e.g. {', '.join(map(str, near))})"
 
 class Checks:
-    """Checks of one config (check_config's, and a recipe's own), each failing with one line that
-    names the key, its value and where the value came from."""
+    """A config's checks (check_config's, a recipe's), each failing with one line naming the key,
+    its value and where the value came from."""
 
     def __init__(self, config, sources):
         self.config, self.sources = config, sources
@@ -282,29 +270,25 @@ class Checks:
         raise ConfigError(message)
 
     def positive(self, *keys):
-        for key in keys:
-            if not self.config[key] > 0:  # NaN too
-                self.fail(f"{self.show(key)}: must be > 0")
-            self.finite(key)
+        self.bounded(keys, lambda value: value > 0, '> 0')
 
     def non_negative(self, *keys):
-        for key in keys:
-            if not self.config[key] >= 0:  # NaN too
-                self.fail(f"{self.show(key)}: must be >= 0")
-            self.finite(key)
+        self.bounded(keys, lambda value: value >= 0, '>= 0')
 
-    def finite(self, key):
-        if self.config[key] == float('inf'):
-            self.fail(f"{self.show(key)}: must be finite")
+    def bounded(self, keys, within, bound):
+        for key in keys:
+            if not within(self.config[key]):  # NaN too
+                self.fail(f"{self.show(key)}: must be {bound}")
+            if self.config[key] == float('inf'):
+                self.fail(f"{self.show(key)}: must be finite")
 
     def one_of(self, key, allowed):
         if self.config[key] not in allowed:
             self.fail(f"{self.show(key)}: expected one of {', '.join(allowed)}")
 
 def check_config(config, sources, world_size=1, local_world_size=None, recipe=None):
-    """Reject values and combinations that cannot work. `world_size` and `local_world_size` are
-    torchrun's (the batch arithmetic and HSDP's default shard group need them); `recipe` checks
-    its own keys."""
+    """Reject values and combinations that cannot work. `world_size`, `local_world_size`: torchrun's
+    (for the batch arithmetic and HSDP's default shard group); `recipe` checks its own keys."""
     checks = Checks(config, sources)
     show, fail, positive, non_negative, one_of = (checks.show, checks.fail, checks.positive,
                                                   checks.non_negative, checks.one_of)
@@ -328,7 +312,7 @@ def check_config(config, sources, world_size=1, local_world_size=None, recipe=No
     if config['decay_lr'] and config['warmup_iters'] > config['lr_decay_iters']:
         fail(f"{show('warmup_iters')} is longer than {show('lr_decay_iters')}; "
              f"lower warmup_iters or raise lr_decay_iters")
-    one_of('dtype', DTYPES)
+    one_of('dtype', ('float32', 'bfloat16', 'float16'))
     one_of('gelu', ('tanh', 'exact'))
     if config['gelu'] != 'tanh' and config['init_from'] not in ('scratch', 'resume'):
         fail(f"{show('gelu')}: pretrained GPT-2 weights need the tanh GELU they were trained with; "
@@ -346,7 +330,7 @@ def check_config(config, sources, world_size=1, local_world_size=None, recipe=No
     if config['backend'] == 'nccl' and not device.startswith('cuda'):
         fail(f"{show('backend')} needs CUDA devices but {show('device')}; use --backend=gloo "
              f"or --backend=auto (nccl on CUDA, gloo otherwise)")
-    one_of('data_parallel', DATA_PARALLEL)
+    one_of('data_parallel', ('ddp', 'fsdp', 'hsdp'))
     one_of('reshard_after_forward', ('auto', 'true', 'false'))
     non_negative('shard_group_size')
     if config['data_parallel'] != 'ddp' and device == 'mps':
@@ -363,9 +347,9 @@ def check_config(config, sources, world_size=1, local_world_size=None, recipe=No
     batch_plan(config, sources, world_size)  # raises on batch arithmetic that cannot work
 
 def fit_schedule(config, sources):
-    """A schedule that fits the run: lr_decay_iters left at its default follows max_iters (a run
-    shortened with --max_iters decays fully); one set explicitly beyond max_iters, or a warmup
-    longer than the run, is kept as given and said in a note. Returns the notes."""
+    """Fit the schedule to the run: lr_decay_iters left at its default follows max_iters (a run
+    shortened with --max_iters decays fully); one set beyond max_iters, or a warmup longer than the
+    run, is kept and noted. Returns the notes."""
     show = Checks(config, sources).show
     if not config['decay_lr']:
         return []
@@ -388,27 +372,22 @@ def fit_schedule(config, sources):
 def format_config(config, sources):
     """The resolved config, one key per line, with where each non-default value came from."""
     width = max(len(key) for key in config)
-    lines = []
-    for key, value in config.items():
-        origin = '' if sources[key] == 'default' else f"  # {sources[key]}"
-        lines.append(f"{key:<{width}} = {value!r}{origin}")
-    return '\n'.join(lines)
+    origin = {key: '' if came == 'default' else f"  # {came}" for key, came in sources.items()}
+    return '\n'.join(f"{key:<{width}} = {value!r}{origin[key]}" for key, value in config.items())
 
 # -----------------------------------------------------------------------------
 # --help
 
 def describe_defaults(*functions):
-    """The comments in the defaults functions' source as ('group', title) and ('key', name, meaning)
-    entries in source order: a comment line of its own starts a group, the comment beside a
-    `name = value` (or `name=value,`) gives its meaning. A key described twice keeps its first
-    place and takes the last meaning (a script's own reading of a shared key)."""
+    """The defaults functions' comments as ('group', title) and ('key', name, meaning) entries in
+    source order: a comment line of its own starts a group, one beside `name = value` (or
+    `name=value,`) gives its meaning. A key described twice keeps its first place, last meaning."""
     entries, seen = [], {}
     for function in functions:
         source = inspect.getsource(function)
-        comments = {}
-        for token in tokenize.generate_tokens(io.StringIO(source).readline):
-            if token.type == tokenize.COMMENT:
-                comments[token.start[0]] = token.string.lstrip('#').strip()
+        comments = {token.start[0]: token.string.lstrip('#').strip()
+                    for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if token.type == tokenize.COMMENT}
         for number, line in enumerate(source.splitlines(), 1):
             stripped = line.strip()
             if stripped.startswith('#'):
@@ -427,22 +406,18 @@ def describe_defaults(*functions):
 
 def format_help(usage, defaults, described):
     """The --help text: usage, then every key with its default and meaning, under its group."""
-    lines = [usage.strip(), '']
-    pending = []  # group titles waiting for their first key
+    lines, group = [usage.strip(), ''], None  # group: the title waiting for its first key
     width = max(len(f"--{key}={value!r}") for key, value in defaults.items())
-    listed = set()
     for entry in described:
         if entry[0] == 'group':
-            pending.append(entry[1])
-            continue
-        _, key, meaning = entry
-        if key not in defaults:
-            continue
-        if pending:
-            lines += ['', pending[-1] + ':']
-            pending = []
-        listed.add(key)
-        lines.append(f"  {f'--{key}={defaults[key]!r}':<{width}}  {meaning}".rstrip())
+            group = entry[1]
+        elif entry[1] in defaults:
+            _, key, meaning = entry
+            if group is not None:
+                lines += ['', group + ':']
+                group = None
+            lines.append(f"  {f'--{key}={defaults[key]!r}':<{width}}  {meaning}".rstrip())
+    listed = {entry[1] for entry in described if entry[0] == 'key'}
     missing = [key for key in defaults if key not in listed]
     assert not missing, f"keys without a place in the help: {missing}"
     return '\n'.join(lines) + '\n'

@@ -27,9 +27,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        # the usual 1/sqrt(head size); the medium and large Sophia runs also divide layer i's
-        # attention logits by i+1 (0-based), which keeps deep layers' logits small, for stable
-        # mixed-precision training
+        # 1/sqrt(head size); the medium and large Sophia runs also divide layer i's (0-based) logits
+        # by i+1: deep layers' logits stay small, for stable mixed-precision training
         self.scale = (config.n_embd // config.n_head) ** -0.5
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
@@ -43,8 +42,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
 
-        # causal self-attention; on GPU this dispatches to the flash or memory-efficient kernels,
-        # which never materialise the (T, T) attention matrix
+        # causal self-attention; on GPU its flash or memory-efficient kernels skip the (T, T) matrix
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True, scale=self.scale) # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C) # heads concatenated back into C channels
@@ -56,8 +54,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc    = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # GPT-2 and the official Sophia runs use the tanh approximation of GELU ("gelu_new" in
-        # transformers), which the released checkpoints need; nanoGPT uses the exact erf form
+        # GPT-2's tanh GELU ("gelu_new"; its weights need it), as the official runs; nanoGPT: erf
         self.gelu    = nn.GELU(approximate={'tanh': 'tanh', 'exact': 'none'}[config.gelu])
         self.c_proj  = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -77,8 +74,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
-        # recompute this block's activations in backward instead of keeping them (the trainer's
-        # activation_checkpointing): memory for one more forward; no parameter or state dict changes
+        # activation_checkpointing: recompute activations in backward; the state dict is unchanged
         self.checkpointing = False
 
     def forward(self, x):
@@ -121,14 +117,13 @@ class GPT(nn.Module):
             ln_f = nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the input embedding and the output projection are one tensor (as in GPT-2),
-        # which saves vocab_size * n_embd parameters and trains as well or better (Press & Wolf, 2017)
+        # weight tying as GPT-2: one tensor embeds and unembeds, trains as well (Press & Wolf, 2017)
         self.transformer.wte.weight = self.lm_head.weight
 
         # N(0, 0.02) for every matmul weight and embedding, zero biases, as GPT-2
         self.apply(self._init_weights)
-        # GPT-2's scaled init of the projections into the residual stream: each block adds two of
-        # them (attention and MLP), so the stream's variance would otherwise grow with 2 * n_layer
+        # GPT-2 scales the init of the 2 * n_layer residual projections, else the stream's variance
+        # grows with their number
         for pn, p in self.named_parameters():
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02/math.sqrt(2 * config.n_layer))
@@ -142,18 +137,15 @@ class GPT(nn.Module):
         return n_params
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, *, all_logits=False, sample_targets=False):
         """ (logits, loss). targets (b, t) give the mean cross-entropy loss; sample_targets=True
-        draws them from the model's own softmax at every position instead (Sophia-G's Hessian
-        pass, see sophia.sample_labels); all_logits=True returns logits at every position without a
-        loss; otherwise only the last position's logits come back (generation). """
+        draws them from the model's softmax (Sophia-G's Hessian pass, sophia.sample_labels);
+        all_logits=True: every position's logits, no loss; else the last one's (generation). """
         b, t = idx.size()
         assert t <= self.config.block_size, \
             f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
@@ -180,15 +172,13 @@ class GPT(nn.Module):
         return logits, loss
 
     def crop_block_size(self, block_size):
-        # shorten the context, e.g. to train GPT-2's weights (1024 positions) on shorter sequences:
-        # keeps the first block_size position embeddings. Call it before building the optimizer: it
-        # replaces the wpe parameter, which an existing optimizer would not see.
+        # keeps the first block_size position embeddings (a clone: the rest is freed), e.g. to train
+        # GPT-2 on shorter sequences; call it before building the optimizer, which would not see wpe
         if block_size > self.config.block_size:
             raise ValueError(f"crop_block_size: {block_size} is larger than the model's block_size "
                              f"{self.config.block_size}; the block size can only shrink")
         self.config.block_size = block_size
         self.transformer.wpe.num_embeddings = block_size
-        # clone so that the dropped rows' memory is freed
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight.detach()[:block_size].clone())
 
     @classmethod
@@ -242,9 +232,8 @@ class GPT(nn.Module):
         return 6*N + 12*L*H*Q*T
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
-        """ model flops utilization (MFU): achieved FLOP/s as a fraction of peak_flops (FLOP/s).
-        fwdbwd_per_iter is the number of block_size sequences forwarded and backwarded in dt
-        seconds. None where peak_flops is None (see device_peak_flops). """
+        """ model flops utilization: achieved FLOP/s / peak_flops, for fwdbwd_per_iter block_size
+        sequences forwarded and backwarded in dt seconds; None where peak_flops is None. """
         if peak_flops is None:
             return None
         flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
@@ -252,9 +241,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Extend idx (b, t) by max_new_tokens sampled tokens, one at a time, each conditioned on
-        at most the last block_size tokens. Call model.eval() first (dropout); a torch.Generator
-        makes the samples reproducible."""
+        """Extend idx (b, t) by max_new_tokens sampled tokens, each conditioned on at most the last
+        block_size. Call model.eval() first (dropout); a torch.Generator makes it reproducible."""
         if temperature <= 0:
             raise ValueError(f"generate: temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
         for _ in range(max_new_tokens):
@@ -269,10 +257,9 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
-# Dense peak FLOP/s per GPU (NVIDIA datasheets, without 2:4 sparsity), by a fragment of
-# torch.cuda.get_device_name(), checked in order: (bf16/fp16, tf32, fp32 without tensor cores).
-# fp32 matmuls run at the TF32 rate only where TF32 is enabled: the wrong one misstates MFU 8-15x.
-# The H100 NVL and H200 NVL have no figure: NVIDIA's datasheets disagree (835 vs 989 bf16 TFLOP/s).
+# Dense peak FLOP/s (NVIDIA datasheets, no 2:4 sparsity) by a fragment of the device name, in
+# order: (bf16/fp16, tf32, fp32 without tensor cores); fp32 runs at the tf32 rate only where TF32
+# is on (the wrong one misstates MFU 8-15x). H100/H200 NVL: none, datasheets give 835 or 989 bf16.
 PEAK_FLOPS = [
     ('a100',          (312e12, 156e12, 19.5e12)),
     ('h100 pcie',     (756e12, 378e12, 51e12)),
@@ -285,9 +272,9 @@ PEAK_FLOPS = [
 
 def peak_flops_for_name(device_name, dtype, tf32):
     """ peak FLOP/s of the CUDA device called device_name computing in dtype, or None if unknown """
-    if isinstance(dtype, str): # the training configs name dtypes as strings
-        dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-    column = {torch.bfloat16: 0, torch.float16: 0, torch.float32: 1 if tf32 else 2}.get(dtype)
+    fp32 = 1 if tf32 else 2 # dtype: a torch.dtype, or as the training configs name it
+    column = {torch.bfloat16: 0, torch.float16: 0, torch.float32: fp32,
+              'bfloat16': 0, 'float16': 0, 'float32': fp32}.get(dtype)
     for fragment, peaks in PEAK_FLOPS:
         if fragment in device_name.lower():
             return None if peaks is None or column is None else peaks[column]
