@@ -36,13 +36,11 @@ class DiskFull(CheckpointError):
     """The filesystem of out_dir had no room for a checkpoint; what was written of it is deleted."""
 
 def disk_full(e):
-    """Whether an exception comes from a full disk or quota: torch.save reports the OSError of
-    the file it writes to as the context of a RuntimeError of its own."""
+    """Whether e comes from a full disk or quota, also as the context of torch.save's own error."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        # torch.distributed.checkpoint raises one CheckpointException on every process, holding
-        # each failed process's exception
+        # torch.distributed.checkpoint's CheckpointException holds each failed process's exception
         if any(disk_full(failure) for failure, _ in getattr(e, 'failures', {}).values()):
             return True
         e = e.__cause__ or e.__context__
@@ -52,10 +50,8 @@ def tensor_bytes(state):
     """The bytes of the tensors in a nested state: about the size of its checkpoint."""
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(tensor_bytes(value) for value in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(tensor_bytes(value) for value in state)
+    if isinstance(state, (dict, list, tuple)):
+        return sum(map(tensor_bytes, state.values() if isinstance(state, dict) else state))
     return 0
 
 def unreadable(path, e):
@@ -81,37 +77,21 @@ class HashingWriter:
         self.f.flush()
 
 def write_synced(path, write):
-    """Call write(f) on a new file at `path` and fsync it; return what write returned."""
     with open(path, 'wb') as f:
         result = write(f)
         f.flush()
         os.fsync(f.fileno())
     return result
 
-def write_atomic(path, write):
-    """Call write(f) on a temporary file, fsync it, and rename it to `path`."""
+def write_atomic(path, data):
+    """Write the bytes `data` to a temporary file, fsync it, and rename it to `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        result = write_synced(tmp, write)
+        write_synced(tmp, lambda f: f.write(data))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return result
-
-def checkpoint_paths(out_dir, name):
-    return os.path.join(out_dir, f"{name}.pt"), os.path.join(out_dir, f"{name}.json")
-
-def save_checkpoint(out_dir, state, iter_num, keep_last, is_best):
-    """Write `state` as the checkpoint of iteration `iter_num`; link it as best.pt if `is_best`;
-    delete checkpoints older than the newest `keep_last`. Returns the path written. On a full
-    disk raises DiskFull, the earlier checkpoints as they were and no temporary file left."""
-    try:
-        return write_checkpoint(out_dir, state, iter_num, keep_last, is_best)
-    except Exception as e:
-        if not disk_full(e):
-            raise
-        raise no_space(out_dir, iter_num, tensor_bytes(state))
 
 def no_space(out_dir, iter_num, size):
     free = shutil.disk_usage(out_dir).free
@@ -119,53 +99,55 @@ def no_space(out_dir, iter_num, size):
                     f"(about {size:,} bytes; {free:,} free); the earlier checkpoints are intact: free "
                     f"some space, or lower keep_last, and resume with --init_from=resume")
 
-def write_checkpoint(out_dir, state, iter_num, keep_last, is_best):
-    name = f"ckpt-{iter_num:08d}"
-    pt_path, json_path = checkpoint_paths(out_dir, name)
+def save_checkpoint(out_dir, state, iter_num, keep_last, is_best):
+    """Write `state` as the checkpoint of iteration `iter_num`; link it as best.pt if `is_best`;
+    delete checkpoints older than the newest `keep_last`. Returns the path written. On a full
+    disk raises DiskFull, the earlier checkpoints as they were and no temporary file left."""
+    pt_path = os.path.join(out_dir, f"ckpt-{iter_num:08d}.pt")
     def write_pt(f):
         writer = HashingWriter(f)
         torch.save(state, writer)
         return writer
-    # the .pt takes its final name last, after its manifest: a crash at any moment never leaves a
-    # ckpt-*.pt without the .json it is verified against
-    tmp = f"{pt_path}.tmp{os.getpid()}"
     try:
-        writer = write_synced(tmp, write_pt)
-        manifest = dict(format_version=FORMAT_VERSION, iter_num=iter_num, bytes=writer.size,
-                        sha256=writer.sha256.hexdigest(), file=os.path.basename(pt_path))
-        write_atomic(json_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        os.replace(tmp, pt_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if is_best:
-        if os.path.isdir(os.path.join(out_dir, 'best.dcp')):  # a sharded best from before: this one is newer
-            shutil.rmtree(os.path.join(out_dir, 'best.dcp'))
-        best_pt, best_json = checkpoint_paths(out_dir, 'best')
-        # the manifest first, as for every checkpoint. It also lists the best.pt still in place
-        # ('previous'): a crash before best.pt is replaced leaves that one, which still verifies
-        best = dict(manifest, previous=previous_best(best_json))
-        write_atomic(best_json, lambda f: f.write(json.dumps(best, indent=1).encode()))
-        tmp = f"{best_pt}.tmp{os.getpid()}"
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        # the .pt is renamed last, after its manifest: no crash leaves a ckpt-*.pt without its .json
+        tmp = f"{pt_path}.tmp{os.getpid()}"
         try:
-            os.link(pt_path, tmp)  # no second copy of the bytes where the filesystem allows
-        except OSError:
-            write_atomic(tmp, lambda f: f.write(open(pt_path, 'rb').read()))
-        os.replace(tmp, best_pt)
-    fsync_dir(out_dir)
-    rotate(out_dir, keep_last)
+            writer = write_synced(tmp, write_pt)
+            manifest = dict(format_version=FORMAT_VERSION, iter_num=iter_num, bytes=writer.size,
+                            sha256=writer.sha256.hexdigest(), file=os.path.basename(pt_path))
+            write_atomic(manifest_of(pt_path), json.dumps(manifest, indent=1).encode())
+            os.replace(tmp, pt_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if is_best:
+            if os.path.isdir(os.path.join(out_dir, 'best.dcp')):  # a sharded best, older than this
+                shutil.rmtree(os.path.join(out_dir, 'best.dcp'))
+            best_pt = os.path.join(out_dir, 'best.pt')
+            # the manifest first, as for every checkpoint. It also lists the best.pt still in place
+            # ('previous'): a crash before best.pt is replaced leaves that one, which still verifies
+            try:
+                with open(manifest_of(best_pt)) as f:
+                    previous = json.load(f)
+                manifest['previous'] = {key: previous[key] for key in ('bytes', 'sha256')}
+            except (OSError, ValueError, TypeError, KeyError):  # no best.pt yet
+                manifest['previous'] = None
+            write_atomic(manifest_of(best_pt), json.dumps(manifest, indent=1).encode())
+            tmp = f"{best_pt}.tmp{os.getpid()}"
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            try:
+                os.link(pt_path, tmp)  # no second copy of the bytes where the filesystem allows
+            except OSError:
+                write_atomic(tmp, open(pt_path, 'rb').read())
+            os.replace(tmp, best_pt)
+        fsync_dir(out_dir)
+        rotate(out_dir, keep_last)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise no_space(out_dir, iter_num, tensor_bytes(state))
     return pt_path
-
-def previous_best(best_json):
-    """Size and sha256 of the best.pt that best_json describes, None without one."""
-    try:
-        with open(best_json) as f:
-            manifest = json.load(f)
-        return {key: manifest[key] for key in ('bytes', 'sha256')}
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
 
 def list_checkpoints(out_dir):
     """Iterations of the checkpoints (ckpt-*.pt files and ckpt-*.dcp folders) in out_dir, newest first."""
@@ -183,7 +165,6 @@ def manifest_of(path):
     return path.rsplit('.', 1)[0] + '.json'
 
 def remove(path):
-    """Delete a checkpoint, a file or a sharded folder, and its manifest."""
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
@@ -198,7 +179,6 @@ def rotate(out_dir, keep_last):
             remove(os.path.join(out_dir, f"ckpt-{old_iter:08d}{suffix}"))
 
 def file_digest(path):
-    """(size, sha256 hex digest) of a file."""
     sha256 = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 24), b''):
@@ -233,9 +213,8 @@ def verify(pt_path):
         if not os.path.isfile(path):
             raise CheckpointError(f"{pt_path} is incomplete: {os.path.basename(path)} is missing")
         # best.json also lists the best.pt it replaces, in place until the rename that follows it
-        candidates = [entry]
-        if isinstance(entry.get('previous'), dict):
-            candidates.append(entry['previous'])
+        previous = entry.get('previous')
+        candidates = [entry, previous] if isinstance(previous, dict) else [entry]
         size = os.path.getsize(path)
         if size not in [candidate.get('bytes') for candidate in candidates]:
             raise CheckpointError(f"{path} is truncated or damaged: {size} bytes, expected {entry.get('bytes')}")
@@ -250,9 +229,16 @@ def load_checkpoint(pt_path, map_location='cpu', model_tensors=True):
         verify(pt_path)
     except OSError as e:
         raise unreadable(pt_path, e)
-    if os.path.isdir(pt_path):
-        return load_sharded_meta(pt_path, map_location, model_tensors)
-    return load_pt(pt_path, map_location)
+    if not os.path.isdir(pt_path):
+        return load_pt(pt_path, map_location)
+    state = load_pt(os.path.join(pt_path, 'meta.pt'), map_location, checkpoint=pt_path)
+    state['sharded'] = pt_path
+    if model_tensors:
+        # torch's reader of a whole DCP checkpoint into one process (no process group needed)
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+        model = in_one_process(_load_state_dict_from_keys, {'model'}, checkpoint_id=pt_path)
+        state['model'] = {key: value.to(map_location) for key, value in model['model'].items()}
+    return state
 
 def load_pt(path, map_location, checkpoint=None):
     """torch.load a checkpoint's .pt, or the meta.pt of the sharded one in folder `checkpoint`."""
@@ -265,16 +251,6 @@ def load_pt(path, map_location, checkpoint=None):
     if state.get('format_version') != FORMAT_VERSION:
         raise CheckpointError(f"{checkpoint or path} has format version "
                               f"{state.get('format_version')}, this code reads {FORMAT_VERSION}")
-    return state
-
-def load_sharded_meta(path, map_location, model_tensors):
-    state = load_pt(os.path.join(path, 'meta.pt'), map_location, checkpoint=path)
-    state['sharded'] = path
-    if model_tensors:
-        # torch's reader of a whole DCP checkpoint into one process (no process group needed)
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-        model = in_one_process(_load_state_dict_from_keys, {'model'}, checkpoint_id=path)['model']
-        state['model'] = {key: value.to(map_location) for key, value in model.items()}
     return state
 
 def in_one_process(read, *args, **kwargs):
@@ -298,24 +274,19 @@ def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             elif MANIFEST_NAME.match(name) and not {name[:-5] + e for e in ORPHAN_UNLESS} & names:
                 os.remove(path)  # its checkpoint gone: a kill during rotation, or during a write
-    for iter_num in list_checkpoints(out_dir):
-        pt_path = checkpoint_path(out_dir, f"ckpt-{iter_num:08d}")
+    for name in [f"ckpt-{iter_num:08d}" for iter_num in list_checkpoints(out_dir)] + ['best']:
+        path = checkpoint_path(out_dir, name)
+        if name == 'best' and not os.path.exists(path):
+            break
         try:
-            return load_checkpoint(pt_path, map_location, model_tensors), pt_path
+            return load_checkpoint(path, map_location, model_tensors), path
         except CheckpointUnreadable:
             raise
         except CheckpointError as e:
-            warn(f"warning: {e}; falling back to the previous checkpoint")
-            problems.append(str(e))
-            if quarantine and os.path.exists(pt_path):
-                os.replace(pt_path, pt_path + '.damaged')
-    best_pt = checkpoint_path(out_dir, 'best')
-    if os.path.exists(best_pt):
-        try:
-            return load_checkpoint(best_pt, map_location, model_tensors), best_pt
-        except CheckpointUnreadable:
-            raise
-        except CheckpointError as e:
+            if name != 'best':  # best, the last resort, is neither warned of nor set aside
+                warn(f"warning: {e}; falling back to the previous checkpoint")
+                if quarantine and os.path.exists(path):
+                    os.replace(path, path + '.damaged')
             problems.append(str(e))
     if problems:
         raise CheckpointError(f"no usable checkpoint in {out_dir}: {problems[-1]}")
@@ -334,23 +305,20 @@ def save_sharded(out_dir, tensors, meta, iter_num, keep_last, is_best, rank, wor
     digests = None  # stays None where this process's part could not be written for want of space
     try:
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
-        if rank == 0:
-            write_synced(os.path.join(tmp, 'meta.pt'), lambda f: torch.save(meta, f))
-        # torch.distributed.checkpoint names a process's files __<rank>_<n>.distcp; process 0
-        # writes .metadata and meta.pt. Each hashes its own, so a large checkpoint is read back in
-        # parallel
+        # torch.distributed.checkpoint names a process's files __<rank>_<n>.distcp, process 0 adds
+        # .metadata and meta.pt: each hashes its own, so a large checkpoint is read back in parallel
         mine = [name for name in os.listdir(tmp) if name.startswith(f'__{rank}_')]
         if rank == 0:
+            write_synced(os.path.join(tmp, 'meta.pt'), lambda f: torch.save(meta, f))
             mine += ['.metadata', 'meta.pt']
         digests = {name: dict(zip(('bytes', 'sha256'), file_digest(os.path.join(tmp, name)))) for name in mine}
     except (Exception, dcp.CheckpointException) as e:  # the latter is no Exception
         if not disk_full(e):
             raise
-    gathered = [None] * world_size if rank == 0 else None
+    gathered = [digests]
     if world_size > 1:
+        gathered = [None] * world_size if rank == 0 else None
         dist.gather_object(digests, gathered, dst=0)
-    else:
-        gathered = [digests]
     full = None in gathered if rank == 0 else None
     if rank == 0 and not full:
         try:
@@ -377,37 +345,32 @@ def publish_sharded(out_dir, tmp, final, gathered, iter_num, keep_last, is_best)
                     folder=os.path.basename(final))
     # the manifest before the folder's final name: a ckpt-*.dcp always has the manifest it is
     # verified against (an older folder of the same iteration no longer matches it, and goes)
-    write_atomic(manifest_of(final), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    write_atomic(manifest_of(final), json.dumps(manifest, indent=1).encode())
     if os.path.isdir(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
-    if is_best:
-        link_best(out_dir, final, manifest)
+    if is_best:  # best.dcp: hard links to its files (copies where the filesystem has none)
+        best = os.path.join(out_dir, 'best.dcp')
+        best_tmp, old = f"{best}.tmp{os.getpid()}", f"{best}.old{os.getpid()}"
+        os.makedirs(best_tmp)
+        try:
+            for name in files:
+                try:
+                    os.link(os.path.join(final, name), os.path.join(best_tmp, name))
+                except OSError:
+                    shutil.copyfile(os.path.join(final, name), os.path.join(best_tmp, name))
+        except OSError:
+            shutil.rmtree(best_tmp)
+            raise
+        manifest['folder'] = 'best.dcp'
+        write_atomic(manifest_of(best), json.dumps(manifest, indent=1).encode())
+        if os.path.isdir(best):
+            os.replace(best, old)
+        os.replace(best_tmp, best)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        best_pt = os.path.join(out_dir, 'best.pt')
+        if os.path.exists(best_pt):  # a best of the run's unsharded part: this one is newer
+            os.remove(best_pt)
     fsync_dir(out_dir)
     rotate(out_dir, keep_last)
-
-def link_best(out_dir, folder, manifest):
-    """best.dcp: hard links to the files of the sharded checkpoint `folder` (copies where the
-    filesystem has no hard links), under a temporary name first, with its manifest best.json."""
-    best = os.path.join(out_dir, 'best.dcp')
-    tmp = f"{best}.tmp{os.getpid()}"
-    os.makedirs(tmp)
-    try:
-        for name in manifest['files']:
-            try:
-                os.link(os.path.join(folder, name), os.path.join(tmp, name))
-            except OSError:
-                shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
-    except OSError:
-        shutil.rmtree(tmp)
-        raise
-    write_atomic(manifest_of(best), lambda f: f.write(json.dumps(dict(manifest, folder='best.dcp'), indent=1).encode()))
-    old = f"{best}.old{os.getpid()}"
-    if os.path.isdir(best):
-        os.replace(best, old)
-    os.replace(tmp, best)
-    if os.path.isdir(old):
-        shutil.rmtree(old)
-    best_pt = os.path.join(out_dir, 'best.pt')
-    if os.path.exists(best_pt):  # a best of the run's unsharded part: this one is newer
-        os.remove(best_pt)

@@ -25,9 +25,7 @@ class OutDirLock:
     """One run per out_dir: process 0 takes an exclusive flock on out_dir/run.lock and writes its
     host and pid into it, then holds it shared with the job's other processes. The system releases
     it when they all die, so a crash never leaves a stale lock; a run that ends removes the file."""
-
-    def __init__(self):
-        self.file = None
+    file = None  # the lock file, while held
 
     def acquire(self, out_dir, rank, world_size):
         """Every process calls it; all raise UserError naming the holder if another run holds it."""
@@ -98,13 +96,6 @@ def prepare_out_dir(out_dir, resuming, master):
             raise UserError(f"out_dir={out_dir!r} already holds a run ({held[0]}); continue it with "
                             f"--init_from=resume, or choose another --out_dir")
 
-def earlier_logs(out_dir):
-    """Earlier attempts' logs: metrics.jsonl and the metrics-<n>.jsonl set aside (set_log_aside)."""
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(name for name in os.listdir(out_dir)
-                  if re.fullmatch(r'metrics(-\d+)?\.jsonl', name))
-
 def set_log_aside(out_dir):
     """An attempt that stopped before its first checkpoint left only its log: keep it under the
     next free name metrics-<n>.jsonl, so the run that starts over has metrics.jsonl (what compare.py
@@ -131,10 +122,12 @@ def load_start(config, recipe, master, device):
         except checkpoint.CheckpointError as e:
             raise UserError(str(e))
         if state is None:
-            if not earlier_logs(config['out_dir']):
+            names = os.listdir(config['out_dir']) if os.path.isdir(config['out_dir']) else []
+            # no log either: metrics.jsonl, or an earlier one set aside as metrics-<n>.jsonl
+            if not any(re.fullmatch(r'metrics(-\d+)?\.jsonl', name) for name in names):
                 raise UserError(f"--init_from=resume but {config['out_dir']} holds no checkpoint; "
                                 f"start with --init_from=scratch")
-            damaged = sorted(name for name in os.listdir(config['out_dir'])
+            damaged = sorted(name for name in names
                              if name.startswith('ckpt-') and name.endswith('.damaged'))
             if damaged:  # set aside by an earlier resume: starting over would drop them unasked
                 raise UserError(f"--init_from=resume but every checkpoint in {config['out_dir']} "
@@ -278,16 +271,6 @@ def load_named_optimizer_state(model, optimizer, named, sharded, groups):
                                    'param_groups': [dict(group, params=[index[n] for n in group['params']])
                                                     for group in named['param_groups']]})
 
-def load_sharded_checkpoint(model, optimizer, path):
-    """A sharded checkpoint's model and optimizer state into this run's, sharded or not, on any
-    number of processes: every process reads what its own parameters need."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    checkpoint.in_one_process(dcp.load, {'model': model_state, 'optimizer': optimizer_state},
-                              checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-
 def restore(start, path, model, optimizer, scaler, groups, rank, world_size, device, sharded):
     """Load a start checkpoint's optimizer state, GradScaler and this process's RNG states (and a
     sharded one's model). Returns whether the start is exact: a checkpoint of ours, with the data
@@ -303,8 +286,14 @@ def restore(start, path, model, optimizer, scaler, groups, rank, world_size, dev
                   + ("; weight decay now also applies to the token and position embeddings, which the "
                      "official scripts exempted" if layout == 'official' else ''))
         return False
-    if 'sharded' in start:
-        load_sharded_checkpoint(model, optimizer, start['sharded'])
+    if 'sharded' in start:  # on any number of processes, sharded or not: each reads what it needs
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        checkpoint.in_one_process(dcp.load, {'model': model_state, 'optimizer': optimizer_state},
+                                  checkpoint_id=start['sharded'])
+        set_state_dict(model, optimizer, model_state_dict=model_state,
+                       optim_state_dict=optimizer_state)
     elif sharded:
         load_named_optimizer_state(model, optimizer, named_optimizer_state(start['optimizer'], groups), True, groups)
     else:
