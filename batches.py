@@ -139,11 +139,8 @@ def get_batch(data, split, seed, stream, first):
     xy = np.stack([tokens[i:i + 1 + data.block_size] for i in ix]).astype(np.int64)  # (B, T+1)
     if xy.max() >= data.vocab_size:  # on the host, before the copy: costs no device sync
         raise token_id_error(data.paths[split], xy.max(), data.vocab_size, data.dataset)
-    xy = torch.from_numpy(xy)
-    if data.device.startswith('cuda'):
-        xy = xy.pin_memory().to(data.device, non_blocking=True)  # async copy, overlaps the compute
-    else:
-        xy = xy.to(data.device)
+    xy, cuda = torch.from_numpy(xy), data.device.startswith('cuda')  # async copy from pinned memory
+    xy = (xy.pin_memory() if cuda else xy).to(data.device, non_blocking=cuda)
     return xy[:, :-1], xy[:, 1:]
 
 def seed_of(*key):

@@ -102,19 +102,12 @@ def type_name(value):
 
 def coerce(key, value, default, source):
     """Check `value` against the type of the key's default; an int is accepted for a float key."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
+    accepted = (int, float) if type(default) is float else type(default)
+    # a bool is an int to isinstance, but no integer or number here, nor they a bool
+    if not isinstance(value, accepted) or isinstance(value, bool) != isinstance(default, bool):
         raise ConfigError(f"{key}={value!r} ({source}): expected {type_name(default)}, "
                           f"got {type_name(value)}")
-    return value
+    return float(value) if type(default) is float else value
 
 def read_literal(text):
     """A --key=value text as a Python literal, or as the plain string when it is none."""

@@ -97,10 +97,9 @@ def gather_rng_states(world_size, device):
     state = {'cpu': torch.get_rng_state()}
     if device.startswith('cuda'):
         state['cuda'] = torch.cuda.get_rng_state(device)
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
+    states = [state] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, state)
     return states
 
 # what asks a run to save and stop: kill's default, Ctrl-C, a closed terminal (torchrun passes it
@@ -109,12 +108,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 class SignalFlag:
     """STOP_SIGNALS ask the loop to finish the iteration, save and exit with 128 + the signal's
-    number; a second signal exits at once. Two different signals within a second count as one:
-    Ctrl-C under torchrun reaches a worker from the terminal and again from torchrun.
-
-    Python runs signal handlers between bytecodes, which a long kernel delays. So the handlers do
-    nothing; the C-level handler writes each signal's number to a pipe (signal.set_wakeup_fd), and
-    a watcher thread acts on it at once: torch releases the GIL inside its kernels."""
+    number; a second signal exits at once (two different ones within a second count as one: Ctrl-C
+    under torchrun reaches a worker from the terminal and again from torchrun). Python runs signal
+    handlers between bytecodes, which a long kernel delays, so its handlers do nothing: the C-level
+    handler writes each signal's number to a pipe (signal.set_wakeup_fd), and a watcher thread acts
+    on it at once, torch releasing the GIL inside its kernels."""
 
     def __init__(self):
         self.signum, self.when = 0, 0.0
@@ -123,7 +121,6 @@ class SignalFlag:
     def install(self):
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)  # the C-level handler must never block on a full pipe
-        # the Python-level handlers do nothing: the watcher thread has acted already
         previous = {signum: signal.signal(signum, lambda *_: None) for signum in STOP_SIGNALS}
         self.installed = previous, signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False), write_fd
         threading.Thread(target=self.watch, args=(read_fd,), name='signal-watcher', daemon=True).start()

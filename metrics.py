@@ -22,11 +22,10 @@ class MetricsLog:
     def set_cut_line_aside(self):
         """A kill in the middle of a write leaves a last line without its newline: move it to
         <path>.damaged, so the next row starts a line of its own and every line stays JSON."""
-        try:
-            with open(self.path, 'rb') as f:
-                data = f.read()
-        except FileNotFoundError:
+        if not os.path.exists(self.path):
             return
+        with open(self.path, 'rb') as f:
+            data = f.read()
         if not data or data.endswith(b'\n'):
             return
         end = data.rfind(b'\n') + 1  # 0: the first line was cut

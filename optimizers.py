@@ -49,9 +49,8 @@ class Recipe:
 
     @classmethod
     def official_keys(cls):
-        """Keys of the official Sophia scripts' configs that are no key here, with what they mean
-        here: handlers for configurator.parse_args (each returns the settings it makes and a note
-        saying so). Their other keys (total_bs, always_save_checkpoint, backend, ...) are keys."""
+        """The official Sophia scripts' config keys that are none here, as handlers for parse_args
+        (each returns the settings it makes and a note); their other keys are keys here too."""
         def optimizer(value, source):
             if value == cls.name:
                 return [], f"optimizer_name={value!r}: {cls.script} trains {cls.name}"
@@ -88,14 +87,12 @@ class Recipe:
     def __init__(self, config, plan):
         self.config, self.plan = config, plan
 
-    def groups(self, model, weight_decays, extra=(), labels=('decayed', 'non-decayed')):
+    def groups(self, model, weight_decays, labels=('decayed', 'non-decayed')):
         """torch.optim's param groups of parameter_groups(model), trainable tensors only, with a
-        weight decay each (and the keys of `extra`, one dict per group); every trainable parameter
-        in exactly one group."""
-        params = dict(model.named_parameters())
-        extra = list(extra) + [{}] * (len(weight_decays) - len(extra))
-        groups = [dict(params=[params[n] for n in names if params[n].requires_grad], weight_decay=decay, **more)
-                  for names, decay, more in zip(self.parameter_groups(model), weight_decays, extra)]
+        weight decay each; every trainable parameter in exactly one group."""
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        groups = [dict(params=[trainable[n] for n in names if n in trainable], weight_decay=decay)
+                  for names, decay in zip(self.parameter_groups(model), weight_decays)]
         grouped = [id(p) for group in groups for p in group['params']]
         assert len(grouped) == len(set(grouped)) and \
             set(grouped) == {id(p) for p in model.parameters() if p.requires_grad}, \
@@ -178,9 +175,8 @@ class SophiaGRecipe(Recipe):
     @classmethod
     def check(cls, config, checks, world_size):
         checks.positive('rho', 'hess_interval')
-        checks.non_negative('hess_micro_steps')
+        checks.non_negative('hess_micro_steps', 'hess_grad_clip')
         checks.one_of('hessian_estimator', ('gnb', 'hutchinson'))
-        checks.non_negative('hess_grad_clip')
         if config['data_parallel'] != 'ddp' and config['hessian_estimator'] == 'hutchinson':
             checks.fail(f"{checks.show('hessian_estimator')} takes a double backward through the model, "
                         f"which FSDP's sharded parameters do not support; use --hessian_estimator=gnb or "
@@ -385,7 +381,8 @@ class MuonRecipe(Recipe):
         config = self.config
         lr_scale = (config['muon_learning_rate'] or config['learning_rate']) / config['learning_rate']
         groups = self.groups(model, (config['weight_decay'], 0.0, config['weight_decay']),
-                             ({}, {}, dict(lr_scale=lr_scale)), ('decayed AdamW', 'non-decayed AdamW', 'Muon'))
+                             ('decayed AdamW', 'non-decayed AdamW', 'Muon'))
+        groups[2]['lr_scale'] = lr_scale
         print(f"Muon's lr: learning_rate x {lr_scale:g}, adjusted by shape: {config['muon_adjust_lr_fn']}")
         adamw = fused_adamw(groups[:2], config, device_type)
         muon = torch.optim.Muon(groups[2:], lr=config['learning_rate'] * lr_scale,

@@ -8,6 +8,7 @@ and best val loss).
 import math
 import os
 import re
+import tempfile
 
 import torch
 
@@ -18,8 +19,8 @@ from distributed import from_process_0
 from model import GPT, GPTConfig, MODEL_KEYS
 from optimizers import RECIPES
 
-SHAPE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias',
-              'scale_attn_by_inverse_layer_idx', 'gelu')  # the config keys that say what a model is
+# the config keys that say what a model is
+SHAPE_KEYS = tuple(key for key in MODEL_KEYS if key not in ('vocab_size', 'dropout'))
 
 class OutDirLock:
     """One run per out_dir: process 0 takes an exclusive flock on out_dir/run.lock and writes its
@@ -83,10 +84,7 @@ def prepare_out_dir(out_dir, resuming, master):
     if master:
         try:
             os.makedirs(out_dir, exist_ok=True)
-            probe = os.path.join(out_dir, f'.write-test-{os.getpid()}')
-            with open(probe, 'w') as f:
-                f.write('ok')
-            os.remove(probe)
+            tempfile.TemporaryFile(dir=out_dir).close()  # a file can be made in it
         except OSError as e:
             raise UserError(f"out_dir={out_dir!r} is not writable ({e.strerror}); choose another --out_dir")
     if not resuming:
@@ -127,8 +125,7 @@ def load_start(config, recipe, master, device):
             if not any(re.fullmatch(r'metrics(-\d+)?\.jsonl', name) for name in names):
                 raise UserError(f"--init_from=resume but {config['out_dir']} holds no checkpoint; "
                                 f"start with --init_from=scratch")
-            damaged = sorted(name for name in names
-                             if name.startswith('ckpt-') and name.endswith('.damaged'))
+            damaged = sorted(name for name in names if re.fullmatch(r'ckpt-.*\.damaged', name))
             if damaged:  # set aside by an earlier resume: starting over would drop them unasked
                 raise UserError(f"--init_from=resume but every checkpoint in {config['out_dir']} "
                                 f"is damaged ({', '.join(damaged)}); put a good one in place, or "
@@ -179,11 +176,10 @@ def read_checkpoint_file(path, device):
     model_args.setdefault('scale_attn_by_inverse_layer_idx', False)  # nanoGPT's model has no such scaling
     # the official model computes GPT-2's tanh GELU, nanoGPT's model the exact erf form
     model_args['gelu'] = 'tanh' if official else 'exact'
-    model = {}
-    for key, value in state['model'].items():
-        key = key.removeprefix('_orig_mod.')  # torch.compile's wrapper, saved by some versions
-        if not key.endswith('.attn.bias'):  # the causal mask both keep as a buffer without flash attention
-            model[key] = value
+    # without torch.compile's wrapper prefix (saved by some versions) and the causal mask both
+    # keep as a buffer (attn.bias) where flash attention is missing
+    model = {key.removeprefix('_orig_mod.'): value for key, value in state['model'].items()
+             if not key.endswith('.attn.bias')}
     return dict(model=model, model_args=model_args, optimizer=state['optimizer'],
                 optimizer_name=saved_config.get('optimizer_name', 'adamw'), iter_num=state['iter_num'],
                 best_val_loss=float(state.get('best_val_loss', math.inf)), config=saved_config,
@@ -236,10 +232,9 @@ def foreign_optimizer_state(saved, model, path, groups):
     official = [linear, sorted(n for n in names if n not in linear)]
     saved_groups = [group['params'] for group in saved['param_groups']]
     def fits(layout):
-        if [len(g) for g in layout] != [len(g) for g in saved_groups]:
-            return False
-        return all(saved['state'][i]['exp_avg'].shape == params[n].shape
-                   for group, ids in zip(layout, saved_groups) for n, i in zip(group, ids) if i in saved['state'])
+        return [len(g) for g in layout] == [len(g) for g in saved_groups] and all(
+            saved['state'][i]['exp_avg'].shape == params[n].shape
+            for g, ids in zip(layout, saved_groups) for n, i in zip(g, ids) if i in saved['state'])
     name, layout = next(((name, layout) for name, layout in (('ours', groups), ('official', official))
                          if fits(layout)), (None, None))
     if layout is None:

@@ -260,10 +260,9 @@ def _build_cpu_kernels():
     if not os.path.exists(library):
         os.makedirs(cache_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir) as build_dir:
-            source, output = os.path.join(build_dir, "sophia_cpu.cpp"), os.path.join(build_dir, "sophia_cpu.so")
-            with open(source, "w") as f:
-                f.write(_CPU_SOURCE)
-            result = subprocess.run([compiler, *flags, source, "-o", output], capture_output=True, text=True)
+            output = os.path.join(build_dir, "sophia_cpu.so")
+            result = subprocess.run([compiler, *flags, "-x", "c++", "-", "-o", output],
+                                    input=_CPU_SOURCE, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-1000:]}")
             os.replace(output, library)  # atomic: processes building at once (DDP ranks) never load half a file

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -97,10 +97,8 @@ class RunState:
     def continuing(cls, start_state, path):
         """The state a checkpoint continues from (the official scripts' and nanoGPT's hold only the
         iteration and the best val loss)."""
-        state = cls(checkpoint=path)
-        for key in cls.SAVED:
-            if key in start_state:
-                setattr(state, key, start_state[key])
+        saved = {key: start_state[key] for key in cls.SAVED if key in start_state}
+        state = cls(checkpoint=path, **saved)
         if 'sequences_drawn' not in start_state and 'batches_drawn' in start_state:
             # written before data was drawn per sequence: micro-batches of batch_size sequences
             state.sequences_drawn = start_state['batches_drawn'] * start_state['config']['batch_size']
@@ -160,8 +158,7 @@ def clip_and_step(run, loss, stop_requested):
     nonfinite = ~torch.isfinite(loss)
     if not scaler.is_enabled():  # under fp16 an inf gradient is the GradScaler's to handle
         nonfinite |= ~torch.isfinite(grad_norm)
-    # one small all-reduce and one host sync per iteration; run.flags is written in place: no new
-    # tensor or host-to-device copy per iteration
+    # one small all-reduce and one host sync per iteration, in run.flags (no new tensor, no copy)
     run.flags[0] = nonfinite
     run.flags[1] = float(stop_requested)
     if run.world_size > 1:
@@ -230,9 +227,9 @@ def evaluate(run, state, log):
 def save(run, state, model_args, is_best):
     """Write a checkpoint of the run as it is now; every process takes part."""
     started = time.time()
-    rng = distributed.gather_rng_states(run.world_size, run.device)  # a collective: every process takes part
-    meta = dict(format_version=checkpoint.FORMAT_VERSION, scaler=run.scaler.state_dict(), model_args=model_args,
-                config=run.config, optimizer_name=run.recipe.name, rng=rng,
+    meta = dict(format_version=checkpoint.FORMAT_VERSION, scaler=run.scaler.state_dict(),
+                model_args=model_args, config=run.config, optimizer_name=run.recipe.name,
+                rng=distributed.gather_rng_states(run.world_size, run.device),  # every process's
                 **{key: getattr(state, key) for key in RunState.SAVED})
     full = None  # a full disk stops every process with process 0's line
     try:
@@ -461,10 +458,9 @@ def main(recipe_class, argv=None, usage=''):
             print(f"error: {e}", file=sys.stderr, flush=True)
         status = 2
     except TrainingStopped as e:  # every process stops at the same agreed iteration
-        stopped = True
+        stopped, status = True, e.status
         if master:
             print(e, file=sys.stderr, flush=True)
-        status = e.status
     except Exception as e:
         status = 1  # and the process group is left alone: destroying it could wait on the dead peer
         if not is_communication_failure(e):
@@ -475,10 +471,8 @@ def main(recipe_class, argv=None, usage=''):
     finally:
         lock.release(int(os.environ.get('RANK', 0)))
         if status == 2 and master and fresh:
-            try:
+            with suppress(OSError):
                 os.rmdir(config['out_dir'])  # only if nothing was written into it
-            except OSError:
-                pass
         distributed.end_process_group(status, stopped)
         stop_flag.uninstall()
     sys.exit(status)
