@@ -111,7 +111,7 @@ def load_start(config, recipe, master, device):
     """The checkpoint a run continues, in our format: with init_from='resume' the newest good one
     in out_dir, else the .pt file or .dcp folder init_from names. Returns (state, path), or (None,
     None) for a new model, also for an out_dir whose earlier attempt left only a log."""
-    init_from = config['init_from']
+    init_from = config['init_from'].rstrip(os.sep)  # a folder's name as the shell completes it
     if init_from == 'resume':
         try:
             state, path = checkpoint.load_latest(config['out_dir'], map_location=device,
@@ -132,7 +132,7 @@ def load_start(config, recipe, master, device):
                                 f"start over in another --out_dir")
             return None, None  # an attempt that stopped before its first checkpoint: start over
     elif init_from.endswith(('.pt', '.dcp')):
-        state, path = read_checkpoint_file(init_from.rstrip(os.sep), device), init_from.rstrip(os.sep)
+        state, path = read_checkpoint_file(init_from, device), init_from
     else:
         return None, None
     if state['optimizer_name'] != recipe.name:

@@ -237,6 +237,16 @@ def test_sample_export_and_init_from_read_a_sharded_run(dataset, fsdp_run, tmp_p
     assert f"continuing {ckpt(out, 4, True)} (iteration 4)" in result.stdout
     assert sorted(train_losses(continued)) == [5]
 
+def test_init_from_names_a_sharded_checkpoint_with_a_trailing_slash(fsdp_run):
+    """The shell completes a folder's name with a slash: --init_from=ckpt-<iter>.dcp/ continues it
+    (not taken for a Hugging Face model folder)."""
+    import resume
+    from optimizers import SophiaGRecipe
+    out, _ = fsdp_run
+    config = dict(init_from=ckpt(out, 4, True) + os.sep, out_dir=out)
+    state, path = resume.load_start(config, SophiaGRecipe, True, 'cpu')
+    assert path == ckpt(out, 4, True) and state['sharded'] == path and state['iter_num'] == 4
+
 # every SophiaG implementation on 2 processes' shards of the same parameters, against one process
 # updating them whole: the same values to float rounding (the updates are elementwise)
 SHARDED_STEPS = '''
