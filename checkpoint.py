@@ -274,16 +274,15 @@ def load_latest(out_dir, map_location='cpu', warn=print, quarantine=False, model
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             elif MANIFEST_NAME.match(name) and not {name[:-5] + e for e in ORPHAN_UNLESS} & names:
                 os.remove(path)  # its checkpoint gone: a kill during rotation, or during a write
-    for name in [f"ckpt-{iter_num:08d}" for iter_num in list_checkpoints(out_dir)] + ['best']:
-        path = checkpoint_path(out_dir, name)
-        if name == 'best' and not os.path.exists(path):
-            break
+    best = checkpoint_path(out_dir, 'best')
+    candidates = [checkpoint_path(out_dir, f"ckpt-{i:08d}") for i in list_checkpoints(out_dir)]
+    for path in candidates + ([best] if os.path.exists(best) else []):
         try:
             return load_checkpoint(path, map_location, model_tensors), path
         except CheckpointUnreadable:
             raise
         except CheckpointError as e:
-            if name != 'best':  # best, the last resort, is neither warned of nor set aside
+            if path != best:  # best, the last resort, is neither warned of nor set aside
                 warn(f"warning: {e}; falling back to the previous checkpoint")
                 if quarantine and os.path.exists(path):
                     os.replace(path, path + '.damaged')
@@ -349,28 +348,31 @@ def publish_sharded(out_dir, tmp, final, gathered, iter_num, keep_last, is_best)
     if os.path.isdir(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
-    if is_best:  # best.dcp: hard links to its files (copies where the filesystem has none)
-        best = os.path.join(out_dir, 'best.dcp')
-        best_tmp, old = f"{best}.tmp{os.getpid()}", f"{best}.old{os.getpid()}"
-        os.makedirs(best_tmp)
-        try:
-            for name in files:
-                try:
-                    os.link(os.path.join(final, name), os.path.join(best_tmp, name))
-                except OSError:
-                    shutil.copyfile(os.path.join(final, name), os.path.join(best_tmp, name))
-        except OSError:
-            shutil.rmtree(best_tmp)
-            raise
-        manifest['folder'] = 'best.dcp'
-        write_atomic(manifest_of(best), json.dumps(manifest, indent=1).encode())
-        if os.path.isdir(best):
-            os.replace(best, old)
-        os.replace(best_tmp, best)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
-        best_pt = os.path.join(out_dir, 'best.pt')
-        if os.path.exists(best_pt):  # a best of the run's unsharded part: this one is newer
-            os.remove(best_pt)
+    if is_best:
+        link_best(out_dir, final, dict(manifest, folder='best.dcp'))
     fsync_dir(out_dir)
     rotate(out_dir, keep_last)
+
+def link_best(out_dir, folder, manifest):
+    """best.dcp: hard links to the files of `folder` (copies where the filesystem has none)."""
+    best = os.path.join(out_dir, 'best.dcp')
+    tmp, old = f"{best}.tmp{os.getpid()}", f"{best}.old{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        for name in manifest['files']:
+            try:
+                os.link(os.path.join(folder, name), os.path.join(tmp, name))
+            except OSError:
+                shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
+    except OSError:
+        shutil.rmtree(tmp)
+        raise
+    write_atomic(manifest_of(best), json.dumps(manifest, indent=1).encode())
+    if os.path.isdir(best):
+        os.replace(best, old)
+    os.replace(tmp, best)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    best_pt = os.path.join(out_dir, 'best.pt')
+    if os.path.exists(best_pt):  # a best of the run's unsharded part: this one is newer
+        os.remove(best_pt)
